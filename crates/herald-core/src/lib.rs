@@ -1,0 +1,14 @@
+//! Herald's domain types. Nothing here does I/O: every other crate parses
+//! outside input into these types at its edge and passes them inward.
+
+pub mod channel;
+pub mod id;
+pub mod outcome;
+pub mod status;
+pub mod validate;
+
+pub use channel::{Channel, DevicePlatform, Priority, PushProvider, UnknownValue};
+pub use id::{ApiKeyId, DeliveryId, DeviceId, NotificationId, ParseIdError};
+pub use outcome::{ErrorClass, OutcomeClass};
+pub use status::DeliveryStatus;
+pub use validate::{Category, EmailAddress, InvalidField, UserId};
