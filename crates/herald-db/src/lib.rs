@@ -1,1 +1,140 @@
-//! placeholder
+//! Herald's Postgres layer. Every SQL statement Herald runs lives in this
+//! crate, in a function named for what it does.
+//!
+//! Two rules shape the statements:
+//! - status only moves forward, and the check is in the `WHERE` clause
+//!   (`status IN (…) AND attempt = $n`), never in application memory;
+//! - writes that belong together are one statement (CTEs) or one
+//!   transaction, so a crash leaves either all of it or none.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub mod api_keys;
+pub mod deliveries;
+pub mod notifications;
+pub mod sweep;
+pub mod users;
+
+/// The migrations in `migrations/` at the top of the repository.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Postgres cannot be reached or is restarting: callers answer 503 and retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A unique constraint was violated (the constraint's name is given).
+    #[error("unique constraint `{constraint}` violated")]
+    Conflict { constraint: String },
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    #[error("could not apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+}
+
+impl DbError {
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(e),
+            sqlx::Error::Database(db) => {
+                // 57P01..03: admin shutdown, crash shutdown, cannot connect now;
+                // 53300: too many connections; 08*: connection exceptions.
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                if code.starts_with("57P") || code.starts_with("08") || code == "53300" {
+                    Self::Unavailable(e)
+                } else if code == "23505" {
+                    Self::Conflict {
+                        constraint: db.constraint().unwrap_or_default().to_owned(),
+                    }
+                } else {
+                    Self::Other(e)
+                }
+            }
+            _ => Self::Other(e),
+        }
+    }
+}
+
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// Opens a pool. It connects lazily, so a process can start (and answer
+/// `/readyz` with "not ready") while Postgres is still coming up.
+pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse::<PgConnectOptions>()
+        .map_err(|e| DbError::InvalidUrl(e.to_string()))?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options))
+}
+
+/// Creates the database named in `url` if it does not exist (development
+/// and tests: production databases are provisioned by their owners).
+pub async fn create_database_if_missing(url: &str) -> Result<()> {
+    let parsed = url::Url::parse(url).map_err(|e| DbError::InvalidUrl(e.to_string()))?;
+    let name = parsed.path().trim_start_matches('/').to_owned();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DbError::InvalidUrl(format!(
+            "database name `{name}` must be letters, digits and underscores"
+        )));
+    }
+    let mut admin_url = parsed.clone();
+    admin_url.set_path("/postgres");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(admin_url.as_str())
+        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await?;
+    if !exists {
+        // The name was checked above to be a plain identifier.
+        match sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    admin.close().await;
+    Ok(())
+}
+
+/// Applies pending migrations. Safe to call from every process at start-up:
+/// sqlx serialises concurrent runs with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// One cheap round trip, for `/readyz`.
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Accepting notifications: one transaction writes the notification and
+//! one delivery per channel; reading them back with every delivery's state.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::Result;
+
+/// A notification about to be accepted.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub id: String,
+    pub api_key_id: Option<String>,
+    pub user_id: String,
+    pub category: String,
+    pub priority: &'static str,
+    pub title: String,
+    pub body: String,
+    pub data: serde_json::Value,
+    pub request_id: Option<String>,
+}
+
+/// One channel's delivery, decided at accept time: `queued`, or `skipped`
+/// with the reason the user cannot receive on that channel.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: String,
+    pub channel: &'static str,
+    pub skip_reason: Option<String>,
+    pub max_attempts: i32,
+}
+
+/// Writes the notification and its deliveries in the caller's transaction:
+/// the caller commits before answering, so a 2xx means all of it is stored.
+pub async fn insert_notification(
+    tx: &mut Transaction<'_, Postgres>,
+    n: &NewNotification,
+    deliveries: &[NewDelivery],
+) -> Result<DateTime<Utc>> {
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO notifications (id, api_key_id, user_id, category, priority, title, body, data, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
+    )
+    .bind(&n.id)
+    .bind(&n.api_key_id)
+    .bind(&n.user_id)
+    .bind(&n.category)
+    .bind(n.priority)
+    .bind(&n.title)
+    .bind(&n.body)
+    .bind(&n.data)
+    .bind(&n.request_id)
+    .fetch_one(&mut **tx)
+    .await?;
+
+    let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+    let channels: Vec<&str> = deliveries.iter().map(|d| d.channel).collect();
+    let reasons: Vec<Option<&str>> = deliveries
+        .iter()
+        .map(|d| d.skip_reason.as_deref())
+        .collect();
+    let max_attempts: Vec<i32> = deliveries.iter().map(|d| d.max_attempts).collect();
+    sqlx::query(
+        "INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, skip_reason,
+                                 max_attempts, finished_at)
+         SELECT d.id, $1, $2, d.channel, $3,
+                CASE WHEN d.reason IS NULL THEN 'queued' ELSE 'skipped' END, d.reason, d.max_attempts,
+                CASE WHEN d.reason IS NULL THEN NULL ELSE now() END
+         FROM UNNEST($4::TEXT[], $5::TEXT[], $6::TEXT[], $7::INT[]) AS d (id, channel, reason, max_attempts)",
+    )
+    .bind(&n.id)
+    .bind(&n.user_id)
+    .bind(n.priority)
+    .bind(&ids)
+    .bind(&channels)
+    .bind(&reasons)
+    .bind(&max_attempts)
+    .execute(&mut **tx)
+    .await?;
+    Ok(created_at)
+}
+
+/// Records that jobs for these deliveries were pushed to Redis, so the
+/// sweeper knows they are not owed one.
+pub async fn mark_enqueued(pool: &PgPool, delivery_ids: &[String]) -> Result<()> {
+    if delivery_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE deliveries SET enqueued_at = clock_timestamp() WHERE id = ANY($1)")
+        .bind(delivery_ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct NotificationRow {
+    pub id: String,
+    pub user_id: String,
+    pub category: String,
+    pub priority: String,
+    pub title: String,
+    pub body: String,
+    pub data: serde_json::Value,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeliveryRow {
+    pub id: String,
+    pub notification_id: String,
+    pub channel: String,
+    pub status: String,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub skip_reason: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_class: Option<String>,
+    pub last_provider_status: Option<i32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub const DELIVERY_COLUMNS: &str = "id, notification_id, channel, status, attempt, max_attempts, skip_reason, \
+     last_error, last_error_class, last_provider_status, next_attempt_at, created_at, updated_at, sent_at, \
+     delivered_at, finished_at";
+
+/// A notification and its deliveries (in channel order), or `None`.
+pub async fn get_notification(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<(NotificationRow, Vec<DeliveryRow>)>> {
+    let Some(n): Option<NotificationRow> = sqlx::query_as(
+        "SELECT id, user_id, category, priority, title, body, data, request_id, created_at
+         FROM notifications WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let deliveries: Vec<DeliveryRow> = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE notification_id = $1
+         ORDER BY array_position(ARRAY['email','push','in_app'], channel)"
+    ))
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some((n, deliveries)))
+}
+
+/// Whether the user has any item in the inbox for this notification.
+pub async fn inbox_item_exists(pool: &PgPool, notification_id: &str) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox_items WHERE notification_id = $1)")
+            .bind(notification_id)
+            .fetch_one(pool)
+            .await?,
+    )
+}

@@ -1,0 +1,112 @@
+//! The sweeper's statements: find deliveries owed a job and stale claims.
+//!
+//! A delivery is *owed a job* when it waits (`queued`/`retrying`) and no job
+//! was pushed since its last change (`enqueued_at` is older than
+//! `updated_at`, or unset): the process crashed between commit and enqueue,
+//! Redis was down, or Redis lost its data (then [`forget_enqueued`] clears
+//! the marks). Re-enqueueing is always safe: claims are fenced.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::Result;
+
+/// Only one sweeper acts at a time, across every process.
+const SWEEP_LOCK_KEY: i64 = 0x4845_5241_4c44_0001; // "HERALD" + 1
+
+/// A job the sweeper must push.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OwedJob {
+    pub id: String,
+    pub attempt: i32,
+    pub channel: String,
+    pub priority: String,
+    pub request_id: Option<String>,
+    /// For `retrying`: when the job is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SweepResult {
+    /// False when another process holds the sweep lock.
+    pub ran: bool,
+    pub expired_leases: u64,
+    pub dead_after_lease: u64,
+    pub owed: Vec<OwedJob>,
+}
+
+/// One sweep pass, under a transaction-scoped advisory lock.
+/// `grace_secs` keeps it away from deliveries an API or worker process is
+/// about to enqueue itself.
+pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepResult> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(SWEEP_LOCK_KEY)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(SweepResult::default());
+    }
+    // Claims whose lease lapsed: the worker died or stalled mid-send. The
+    // send may have happened, so the attempt counts and is marked
+    // ambiguous; the delivery retries (or is dead if out of attempts).
+    let expired: Vec<(String, String)> = sqlx::query_as(
+        "WITH s AS (
+             SELECT id FROM deliveries WHERE status = 'sending' AND lease_until < now()
+             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED
+         ), u AS (
+             UPDATE deliveries d SET
+                 status = CASE WHEN d.attempt >= d.max_attempts THEN 'dead' ELSE 'retrying' END,
+                 next_attempt_at = CASE WHEN d.attempt >= d.max_attempts THEN NULL ELSE now() END,
+                 finished_at = CASE WHEN d.attempt >= d.max_attempts THEN now() ELSE NULL END,
+                 lease_until = NULL, updated_at = now(), ambiguous_attempts = d.ambiguous_attempts + 1,
+                 last_error = 'lease expired before the worker recorded a result',
+                 last_error_class = 'ambiguous'
+             FROM s WHERE d.id = s.id
+             RETURNING d.id, d.attempt, d.status
+         ), a AS (
+             UPDATE delivery_attempts t SET finished_at = now(), outcome = 'lease_expired',
+                 error = 'lease expired before the worker recorded a result'
+             FROM u WHERE t.delivery_id = u.id AND t.attempt = u.attempt AND t.finished_at IS NULL
+         )
+         SELECT id, status FROM u",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let owed: Vec<OwedJob> = sqlx::query_as(
+        "SELECT d.id, d.attempt, d.channel, d.priority, n.request_id, d.next_attempt_at
+         FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+         WHERE d.status IN ('queued', 'retrying')
+           AND (d.enqueued_at IS NULL OR d.enqueued_at < d.updated_at)
+           AND (d.updated_at < now() - make_interval(secs => $2) OR d.id = ANY($3))
+         ORDER BY d.updated_at LIMIT $1",
+    )
+    .bind(limit)
+    .bind(grace_secs)
+    .bind(
+        expired
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(SweepResult {
+        ran: true,
+        expired_leases: expired.len() as u64,
+        dead_after_lease: expired.iter().filter(|(_, s)| s == "dead").count() as u64,
+        owed,
+    })
+}
+
+/// Redis lost its data: every waiting delivery is owed a job again.
+pub async fn forget_enqueued(pool: &PgPool) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE deliveries SET enqueued_at = NULL WHERE status IN ('queued', 'retrying') AND enqueued_at IS NOT NULL",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
