@@ -68,15 +68,18 @@ pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendE
             format!("recipient address rejected: {e}"),
         )
     })?;
+    // A subject is one line; lettre would encode a line break safely, but
+    // a title never needs one.
+    let subject = email.subject.replace(['\r', '\n'], " ");
     let html = format!(
         "<!doctype html><html><body><h1>{}</h1><p>{}</p></body></html>",
-        html_escape(email.subject),
+        html_escape(&subject),
         html_escape(email.text)
     );
     Message::builder()
         .from(from.clone())
         .to(to)
-        .subject(email.subject.replace(['\r', '\n'], " "))
+        .subject(subject)
         .message_id(Some(format!("<{}@herald>", email.delivery_id)))
         .header(XHeraldDeliveryId(email.delivery_id.to_owned()))
         .multipart(MultiPart::alternative_plain_html(
