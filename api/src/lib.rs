@@ -1,1 +1,213 @@
-//! placeholder
+//! Herald's HTTP API: validates, authenticates, writes Postgres, enqueues,
+//! answers. Stateless: run as many replicas as needed.
+//!
+//! The router is built with `utoipa-axum`, so a route and its OpenAPI entry
+//! are registered by the same call and cannot drift apart.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use herald_config::Settings;
+use herald_queue::{QueueClient, QueueConfig};
+use sqlx::PgPool;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub mod error;
+pub mod extract;
+pub mod routes;
+
+use error::ApiError;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub queue: QueueClient,
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    /// Builds the state without touching the network: the pool connects
+    /// lazily and the queue client reconnects on its own, so the API starts
+    /// (and reports not-ready) while a dependency is still coming up.
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let pool =
+            herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
+                .context("DATABASE_URL")?;
+        let queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
+        Ok(Self {
+            pool,
+            queue,
+            settings: Arc::new(settings),
+        })
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Herald", description = "Notification delivery: email, push and in-app, with retries and dead letters."),
+    modifiers(&SecurityAddon),
+    tags(
+        (name = "notifications", description = "Send notifications and follow their delivery"),
+        (name = "users", description = "Recipients and their devices"),
+        (name = "health", description = "Probes"),
+    )
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("hk_<prefix>_<secret>")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes and their OpenAPI document, from one registration.
+pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use routes::{health, notifications, users};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(notifications::create_notification))
+        .routes(routes!(notifications::get_notification))
+        .routes(routes!(users::put_user, users::get_user))
+        .routes(routes!(users::register_device))
+        .routes(routes!(users::delete_device))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document served at `/openapi.json`.
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().1
+}
+
+/// Request ids are ULIDs, unless the caller sent a sane one of its own.
+#[derive(Clone, Copy)]
+struct MakeUlid;
+
+impl MakeRequestId for MakeUlid {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&ulid::Ulid::new().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// A caller's `X-Request-Id` travels into logs, Postgres and Redis jobs:
+/// keep it only if it is short and plain.
+async fn drop_unsafe_request_id(mut req: Request) -> Request {
+    let ok = req.headers().get("x-request-id").is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 64
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    if !ok {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal(&"a request handler panicked").into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such route; see /openapi.json for the API",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method; see /openapi.json",
+    )
+}
+
+/// The whole application, with its middleware.
+pub fn app(state: AppState) -> Router {
+    let (router, doc) = api_router();
+    let doc = Arc::new(doc);
+    let max_body = state.settings.max_body_bytes;
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = Arc::clone(&doc);
+                async move { Json((*doc).clone()) }
+            }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeUlid))
+        .layer(axum::middleware::map_request(drop_unsafe_request_id))
+}
+
+/// Logs what would make Redis lose jobs (DESIGN.md §8).
+pub async fn warn_about_redis(queue: &QueueClient) {
+    match queue.durability_warnings().await {
+        Ok(warnings) => {
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis unreachable at start-up; deliveries will wait in Postgres")
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener address")?;
+    tracing::info!(%addr, "API listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")
+}

@@ -1,1 +1,172 @@
-//! placeholder
+//! Herald's workers. Each channel has its own binary (`herald-email-worker`,
+//! `herald-push-worker`, `herald-inapp-worker`), deployed and scaled on its
+//! own; all share this library. A worker consumes its channel's three
+//! priority queues through Herald's apalis backend, and every worker process
+//! also runs the sweeper (one acts at a time, by advisory lock).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis::prelude::*;
+use herald_channels::email::EmailSender;
+use herald_channels::push::PushSender;
+use herald_config::{PushTransport, Settings};
+use herald_core::Channel;
+use herald_queue::{Fetched, QueueClient, QueueConfig, QueueName, RedisBackend, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+pub mod deliver;
+pub mod retry;
+pub mod sweeper;
+
+pub use deliver::{Deliverer, Sender};
+pub use retry::RetryPolicy;
+
+/// The role name used in worker ids and logs.
+#[must_use]
+pub fn role(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Email => "email-worker",
+        Channel::Push => "push-worker",
+        Channel::InApp => "inapp-worker",
+    }
+}
+
+/// Builds the provider side of a channel from settings, failing with a
+/// message that names the variable to fix.
+pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sender> {
+    Ok(match channel {
+        Channel::Email => Sender::Email(EmailSender::from_settings(
+            &settings.email_transport,
+            &settings.email_from,
+            settings.send_timeout,
+        )?),
+        Channel::Push => match &settings.push_transport {
+            PushTransport::File { path } => Sender::Push(
+                PushSender::file(path.clone())
+                    .with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
+            ),
+        },
+        Channel::InApp => Sender::InApp,
+    })
+}
+
+async fn handle(task: Fetched, deliverer: Data<Arc<Deliverer>>) -> Result<(), BoxDynError> {
+    deliverer.deliver(&task.job).await.map_err(Into::into)
+}
+
+/// Runs one channel's worker until `shutdown` is cancelled, then finishes
+/// the deliveries in flight and hands back the jobs it had not started.
+pub async fn run_worker(
+    settings: &Settings,
+    pool: sqlx::PgPool,
+    channel: Channel,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let worker_id = WorkerId::generate(role(channel));
+    let queue_cfg = QueueConfig::from_settings(settings);
+    let deliverer = Arc::new(Deliverer {
+        pool,
+        queue: QueueClient::new(queue_cfg.clone()).context("REDIS_URL")?,
+        worker_id: worker_id.clone(),
+        sender: sender_for(settings, channel)?,
+        retry: RetryPolicy::new(settings.retry_min, settings.retry_max),
+        lease: settings.lease,
+        send_timeout: settings.send_timeout,
+    });
+    let backend = RedisBackend::new(
+        queue_cfg,
+        QueueName::for_channel(channel).to_vec(),
+        worker_id.clone(),
+    )
+    .context("REDIS_URL")?;
+    tracing::info!(%worker_id, channel = %channel, concurrency = settings.worker_concurrency, "worker started");
+    WorkerBuilder::new(worker_id.to_string())
+        .backend(backend)
+        // Panics are caught by the queue backend's own layer, which hands
+        // the job back (apalis's catch_panic layer is not Send-general
+        // enough to run inside a spawned task).
+        .concurrency(settings.worker_concurrency)
+        // A hung job (a stuck query) must not hold its lease forever: the
+        // queue's heartbeat extends leases while the process lives.
+        .timeout(settings.send_timeout + settings.lease)
+        .data(deliverer)
+        .build(handle)
+        .run_until(herald_queue::stop_on(shutdown))
+        .await
+        .with_context(|| format!("worker {worker_id}"))?;
+    tracing::info!(%worker_id, "worker stopped");
+    Ok(())
+}
+
+/// Connects, migrates, and runs the given channels' workers plus the
+/// sweeper in this process until `shutdown` is cancelled.
+pub async fn run(
+    settings: Settings,
+    channels: &[Channel],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
+        .context("DATABASE_URL")?;
+    herald_db::migrate_with_retry(&pool, Duration::from_secs(30))
+        .await
+        .context("applying migrations (is DATABASE_URL reachable?)")?;
+    let sweeper_queue =
+        QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
+    let sweeper = tokio::spawn(sweeper::run(
+        pool.clone(),
+        sweeper_queue,
+        settings.sweep_interval,
+        shutdown.clone(),
+    ));
+    let mut workers = tokio::task::JoinSet::new();
+    for &channel in channels {
+        let (settings, pool, shutdown) = (settings.clone(), pool.clone(), shutdown.clone());
+        workers.spawn(async move { run_worker(&settings, pool, channel, shutdown).await });
+    }
+    let mut result = Ok(());
+    while let Some(done) = workers.join_next().await {
+        let outcome = done.context("worker task panicked").and_then(|r| r);
+        if let Err(e) = outcome {
+            tracing::error!(error = %format!("{e:#}"), "worker ended with an error");
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
+    shutdown.cancel();
+    let _ = sweeper.await;
+    result
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C, for the binaries.
+#[must_use]
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested: finishing deliveries in flight");
+        t.cancel();
+    });
+    token
+}
+
+/// The `main` of each worker binary.
+pub async fn main_for(channel: Channel) -> anyhow::Result<()> {
+    let settings = Settings::from_env().context("invalid configuration")?;
+    herald_telemetry::init(settings.log_format);
+    let shutdown = shutdown_on_signal();
+    run(settings, &[channel], shutdown).await
+}

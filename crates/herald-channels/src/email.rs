@@ -188,7 +188,7 @@ impl EmailSender {
 /// 4xx → transient, 5xx → permanent, anything else (connection, TLS) →
 /// transient: nothing was accepted yet.
 fn classify_smtp(e: &lettre::transport::smtp::Error) -> SendError {
-    let status = e.status().map(|c| u16::from(c));
+    let status = e.status().map(u16::from);
     let class = if e.is_permanent() {
         ErrorClass::Permanent
     } else {

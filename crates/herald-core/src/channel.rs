@@ -93,12 +93,6 @@ wire_enum!(
     }
 );
 
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

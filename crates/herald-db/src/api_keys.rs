@@ -141,10 +141,10 @@ pub async fn ensure_api_key(
     .bind(scopes)
     .execute(pool)
     .await?;
-    Ok(find_by_prefix(pool, presented.prefix)
+    find_by_prefix(pool, presented.prefix)
         .await?
         .map(|(k, _)| k)
-        .ok_or_else(|| crate::DbError::Other(sqlx::Error::RowNotFound))?)
+        .ok_or(crate::DbError::Other(sqlx::Error::RowNotFound))
 }
 
 async fn insert_api_key(

@@ -189,6 +189,32 @@ pub struct AttemptRow {
     pub detail: Option<serde_json::Value>,
 }
 
+/// Every attempt of each of these deliveries, oldest first.
+pub async fn list_attempts_for(
+    pool: &PgPool,
+    delivery_ids: &[String],
+) -> Result<std::collections::HashMap<String, Vec<AttemptRow>>> {
+    #[derive(sqlx::FromRow)]
+    struct AttemptOf {
+        delivery_id: String,
+        #[sqlx(flatten)]
+        row: AttemptRow,
+    }
+    let rows: Vec<AttemptOf> = sqlx::query_as(
+        "SELECT delivery_id, attempt, worker_id, started_at, finished_at, outcome, provider_status, error, detail
+         FROM delivery_attempts WHERE delivery_id = ANY($1) ORDER BY delivery_id, attempt",
+    )
+    .bind(delivery_ids)
+    .fetch_all(pool)
+    .await?;
+    let mut out: std::collections::HashMap<String, Vec<AttemptRow>> =
+        std::collections::HashMap::new();
+    for r in rows {
+        out.entry(r.delivery_id).or_default().push(r.row);
+    }
+    Ok(out)
+}
+
 /// Every attempt of a delivery, oldest first.
 pub async fn list_attempts(pool: &PgPool, delivery_id: &str) -> Result<Vec<AttemptRow>> {
     Ok(sqlx::query_as(

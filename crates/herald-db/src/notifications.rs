@@ -81,16 +81,25 @@ pub async fn insert_notification(
     Ok(created_at)
 }
 
-/// Records that jobs for these deliveries were pushed to Redis, so the
-/// sweeper knows they are not owed one.
-pub async fn mark_enqueued(pool: &PgPool, delivery_ids: &[String]) -> Result<()> {
-    if delivery_ids.is_empty() {
+/// Records that jobs for these `(delivery, attempt)` pairs were pushed to
+/// Redis, so the sweeper knows they are not owed one. Only a delivery still
+/// waiting at that attempt is marked: a late mark must not hide a newer
+/// state that is owed its own job.
+pub async fn mark_enqueued(pool: &PgPool, jobs: &[(String, i32)]) -> Result<()> {
+    if jobs.is_empty() {
         return Ok(());
     }
-    sqlx::query("UPDATE deliveries SET enqueued_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(delivery_ids)
-        .execute(pool)
-        .await?;
+    let ids: Vec<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|(_, a)| *a).collect();
+    sqlx::query(
+        "UPDATE deliveries d SET enqueued_at = clock_timestamp()
+         FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
+         WHERE d.id = j.id AND d.attempt = j.attempt AND d.status IN ('queued', 'retrying')",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

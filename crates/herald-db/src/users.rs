@@ -39,44 +39,26 @@ pub struct UserUpsert<'a> {
 
 /// Creates or replaces a user's profile; returns it and whether it is new.
 pub async fn upsert_user(pool: &PgPool, u: &UserUpsert<'_>) -> Result<(User, bool)> {
+    #[derive(sqlx::FromRow)]
+    struct Upserted {
+        #[sqlx(flatten)]
+        user: User,
+        inserted: bool,
+    }
     // `xmax = 0` is true only for a freshly inserted row.
-    let (user, inserted): (User, bool) = {
-        let row = sqlx::query_as::<
-            _,
-            (
-                String,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-                DateTime<Utc>,
-                DateTime<Utc>,
-                bool,
-            ),
-        >(
-            "INSERT INTO users (id, email, locale, timezone) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, locale = EXCLUDED.locale,
-                 timezone = EXCLUDED.timezone, updated_at = now()
-             RETURNING id, email, locale, timezone, created_at, updated_at, (xmax = 0)",
-        )
-        .bind(u.id)
-        .bind(u.email)
-        .bind(u.locale)
-        .bind(u.timezone)
-        .fetch_one(pool)
-        .await?;
-        (
-            User {
-                id: row.0,
-                email: row.1,
-                locale: row.2,
-                timezone: row.3,
-                created_at: row.4,
-                updated_at: row.5,
-            },
-            row.6,
-        )
-    };
-    Ok((user, inserted))
+    let row: Upserted = sqlx::query_as(
+        "INSERT INTO users (id, email, locale, timezone) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, locale = EXCLUDED.locale,
+             timezone = EXCLUDED.timezone, updated_at = now()
+         RETURNING id, email, locale, timezone, created_at, updated_at, (xmax = 0) AS inserted",
+    )
+    .bind(u.id)
+    .bind(u.email)
+    .bind(u.locale)
+    .bind(u.timezone)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.user, row.inserted))
 }
 
 pub async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>> {

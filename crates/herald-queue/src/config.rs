@@ -91,6 +91,20 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+impl QueueConfig {
+    /// The queue settings of a Herald process, from its validated settings.
+    #[must_use]
+    pub fn from_settings(settings: &herald_config::Settings) -> Self {
+        Self {
+            redis_url: settings.redis_url.expose().to_owned(),
+            prefix: settings.queue_prefix.clone(),
+            lease: settings.lease,
+            fetch_batch: settings.fetch_batch,
+            ..Self::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
+use redis::{
+    AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, RedisError, RedisResult,
+};
 
 use crate::QueueError;
 use crate::config::redact_url;
@@ -17,33 +19,50 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// command before the connection is dropped and rebuilt.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A client whose connections announce `lib_name` (visible in `CLIENT LIST`
-/// as `lib-name=`), so an operator (or a test) can tell whose they are.
-pub(crate) fn open_client(url: &str, lib_name: &str) -> Result<Client, QueueError> {
-    let info = url.into_connection_info().map_err(QueueError::InvalidUrl)?;
-    let redis = info
-        .redis_settings()
-        .clone()
-        .set_lib_name(lib_name, env!("CARGO_PKG_VERSION"));
-    Client::open(info.set_redis_settings(redis)).map_err(QueueError::InvalidUrl)
+/// A client for `url`; `resp3` for the wake-up subscription (RESP3 lets one
+/// connection both subscribe and run `CLIENT SETNAME`/`PING`).
+pub(crate) fn open_client(url: &str, resp3: bool) -> Result<Client, QueueError> {
+    let mut info = url.into_connection_info().map_err(QueueError::InvalidUrl)?;
+    if resp3 {
+        let redis = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        info = info.set_redis_settings(redis);
+    }
+    Client::open(info).map_err(QueueError::InvalidUrl)
+}
+
+/// Names a fresh connection (`CLIENT SETNAME`), so an operator (or a test)
+/// can tell in `CLIENT LIST` whose it is.
+pub(crate) async fn set_name(conn: &mut MultiplexedConnection, name: &str) -> RedisResult<()> {
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query_async(conn)
+        .await
+}
+
+pub(crate) fn connection_config() -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
 }
 
 /// One multiplexed connection, made on first use and rebuilt after errors.
 pub(crate) struct Conn {
     client: Client,
+    name: String,
     current: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
 impl Conn {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, name: String) -> Self {
         Self {
             client,
+            name,
             current: tokio::sync::Mutex::new(None),
         }
-    }
-
-    pub fn client(&self) -> &Client {
-        &self.client
     }
 
     /// The current connection, or a new one. Cheap when connected: a
@@ -53,13 +72,11 @@ impl Conn {
         if let Some(conn) = current.as_ref() {
             return Ok(conn.clone());
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let conn = self
+        let mut conn = self
             .client
-            .get_multiplexed_async_connection_with_config(&config)
+            .get_multiplexed_async_connection_with_config(&connection_config())
             .await?;
+        set_name(&mut conn, &self.name).await?;
         *current = Some(conn.clone());
         Ok(conn)
     }
@@ -113,7 +130,7 @@ impl Outage {
         Self { what, since: None }
     }
 
-    pub fn failed(&mut self, worker: &str, url: &str, err: &RedisError) {
+    pub fn failed(&mut self, worker: &str, url: &str, err: &dyn std::fmt::Display) {
         if self.since.is_none() {
             self.since = Some(Instant::now());
             tracing::warn!(
@@ -132,7 +149,8 @@ impl Outage {
             tracing::info!(
                 worker,
                 outage_ms = since.elapsed().as_millis() as u64,
-                "{}: Redis reachable again", self.what
+                "{}: Redis reachable again",
+                self.what
             );
         }
     }

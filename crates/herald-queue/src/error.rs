@@ -26,17 +26,14 @@ pub enum QueueError {
     },
 
     #[error("malformed queue job `{member}`: {reason}")]
-    MalformedJob { member: String, reason: &'static str },
+    MalformedJob {
+        member: String,
+        reason: &'static str,
+    },
 
     #[error("unknown queue name `{0}`: expected `<channel>:<priority>`, e.g. `email:high`")]
     UnknownQueue(String),
 
     #[error("the Redis backend must be polled inside a Tokio runtime")]
     NoRuntime,
-}
-
-impl QueueError {
-    pub(crate) fn redis(action: &'static str) -> impl FnOnce(redis::RedisError) -> Self {
-        move |source| QueueError::Redis { action, source }
-    }
 }

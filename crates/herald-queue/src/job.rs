@@ -169,7 +169,7 @@ mod tests {
             &format!("1|{id}|3|+1|5|"),
             &format!("1|{id}|x|0|5|"),
             &format!("1|{id}|3|0|5"),
-            &format!("1|ntf_01J9Z3M6XK1V4N9Q7W2C5B8D0E|3|0|5|"),
+            "1|ntf_01J9Z3M6XK1V4N9Q7W2C5B8D0E|3|0|5|",
         ] {
             assert!(WireJob::decode(bad).is_err(), "{bad}");
         }

@@ -103,6 +103,14 @@ pub fn workers_key(prefix: &str) -> String {
     format!("{prefix}:workers")
 }
 
+/// A marker that exists as long as Redis keeps its data. The sweeper sets
+/// it; finding it gone means Redis restarted empty, was flushed or evicted
+/// keys, so every waiting delivery needs its job pushed again.
+#[must_use]
+pub fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}:epoch")
+}
+
 /// Pub/sub channel producers publish on after an enqueue so idle workers of
 /// that channel fetch at once.
 #[must_use]
@@ -133,7 +141,9 @@ mod tests {
             }
         }
         assert_eq!(
-            QueueName::new(Channel::Email, Priority::High).keys("herald").ready,
+            QueueName::new(Channel::Email, Priority::High)
+                .keys("herald")
+                .ready,
             "{herald:email:high}:ready"
         );
     }

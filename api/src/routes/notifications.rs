@@ -1,0 +1,462 @@
+//! `POST /v1/notifications` and `GET /v1/notifications/{id}`.
+//!
+//! Accepting is one transaction (the notification and one delivery per
+//! channel), committed before the 202; jobs go to Redis after the commit.
+//! If Redis is down the request still succeeds: the deliveries wait in
+//! Postgres and the sweeper enqueues them when Redis is back.
+
+use std::collections::BTreeSet;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use herald_core::validate::{MAX_BODY_CHARS, MAX_TITLE_CHARS, check_text};
+use herald_core::{Category, Channel, DeliveryId, NotificationId, Priority, UserId};
+use herald_db::notifications::{NewDelivery, NewNotification};
+use herald_queue::{DeliveryJob, QueueName};
+use serde::{Deserialize, Serialize};
+use tower_http::request_id::RequestId;
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiJson, Caller};
+
+/// Largest `data` object, serialized, in bytes.
+const MAX_DATA_BYTES: usize = 8 * 1024;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNotification {
+    /// The product's id of the recipient.
+    #[schema(example = "u_42")]
+    pub user_id: String,
+    /// A slug for grouping and preferences; defaults to `general`.
+    #[schema(example = "alert")]
+    pub category: Option<String>,
+    /// `high`, `normal` (default) or `low`.
+    #[schema(example = "high")]
+    pub priority: Option<String>,
+    /// Any of `email`, `push`, `in_app`. Omitted: every channel the user can receive.
+    #[schema(example = json!(["email", "push", "in_app"]))]
+    pub channels: Option<Vec<String>>,
+    #[schema(example = "Your order shipped")]
+    pub title: String,
+    #[schema(example = "Order 1234 is on its way.")]
+    #[serde(default)]
+    pub body: String,
+    /// Free-form JSON object passed to the push payload and the inbox.
+    #[schema(value_type = Option<Object>, example = json!({"order_id": "1234"}))]
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    #[schema(example = "ntf_01JD0000000000000000000000")]
+    pub id: String,
+    pub user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub deliveries: Vec<AcceptedDelivery>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcceptedDelivery {
+    #[schema(example = "dlv_01JD0000000000000000000000")]
+    pub id: String,
+    pub channel: String,
+    /// `queued`, or `skipped` when the user cannot receive on this channel.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
+}
+
+struct Validated {
+    user_id: UserId,
+    category: Category,
+    priority: Priority,
+    channels: Option<Vec<Channel>>,
+    title: String,
+    body: String,
+    data: serde_json::Value,
+}
+
+fn validate(req: CreateNotification) -> ApiResult<Validated> {
+    let user_id = UserId::parse(&req.user_id)?;
+    let category = match req.category.as_deref() {
+        Some(c) => Category::parse(c)?,
+        None => Category::default(),
+    };
+    let priority = match req.priority.as_deref() {
+        Some(p) => p
+            .parse()
+            .map_err(|e: herald_core::UnknownValue| ApiError::invalid("priority", e.to_string()))?,
+        None => Priority::Normal,
+    };
+    let channels = match req.channels {
+        None => None,
+        Some(list) => {
+            if list.is_empty() {
+                return Err(ApiError::invalid(
+                    "channels",
+                    "must not be empty; omit it to use every channel the user can receive",
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            let mut out = Vec::with_capacity(list.len());
+            for (i, c) in list.iter().enumerate() {
+                let ch: Channel = c.parse().map_err(|e: herald_core::UnknownValue| {
+                    ApiError::invalid(&format!("channels[{i}]"), e.to_string())
+                })?;
+                if !seen.insert(ch) {
+                    return Err(ApiError::invalid(
+                        &format!("channels[{i}]"),
+                        format!("`{c}` is listed twice"),
+                    ));
+                }
+                out.push(ch);
+            }
+            Some(out)
+        }
+    };
+    if req.title.trim().is_empty() {
+        return Err(ApiError::invalid("title", "must not be empty"));
+    }
+    check_text("title", &req.title, MAX_TITLE_CHARS, false)?;
+    check_text("body", &req.body, MAX_BODY_CHARS, true)?;
+    let data = match req.data {
+        None | Some(serde_json::Value::Null) => serde_json::json!({}),
+        Some(v @ serde_json::Value::Object(_)) => {
+            if v.to_string().len() > MAX_DATA_BYTES {
+                return Err(ApiError::invalid(
+                    "data",
+                    format!("must serialize to at most {MAX_DATA_BYTES} bytes"),
+                ));
+            }
+            v
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "data",
+                "must be a JSON object, like {\"order_id\": \"1234\"}",
+            ));
+        }
+    };
+    Ok(Validated {
+        user_id,
+        category,
+        priority,
+        channels,
+        title: req.title,
+        body: req.body,
+        data,
+    })
+}
+
+/// Accept a notification for delivery.
+///
+/// Answers 202 once the notification and one delivery per channel are
+/// committed; delivery happens afterwards. Poll `GET /v1/notifications/{id}`
+/// for progress.
+#[utoipa::path(
+    post, path = "/v1/notifications", tag = "notifications",
+    request_body = CreateNotification,
+    responses(
+        (status = 202, description = "Accepted: stored and queued", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "The key lacks the `send` scope", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is invalid", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_notification(
+    State(state): State<AppState>,
+    caller: Caller,
+    request_id: Option<Extension<RequestId>>,
+    ApiJson(req): ApiJson<CreateNotification>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require("send")?;
+    let v = validate(req)?;
+    let request_id =
+        request_id.and_then(|Extension(r)| r.header_value().to_str().ok().map(str::to_owned));
+
+    let reach = herald_db::users::reachability(&state.pool, v.user_id.as_str()).await?;
+    let channels = v.channels.clone().unwrap_or_else(|| {
+        let mut all = Vec::new();
+        if reach.has_email {
+            all.push(Channel::Email);
+        }
+        if reach.active_devices > 0 {
+            all.push(Channel::Push);
+        }
+        all.push(Channel::InApp);
+        all
+    });
+    let max_attempts = i32::try_from(state.settings.max_attempts).unwrap_or(i32::MAX);
+    let deliveries: Vec<NewDelivery> = channels
+        .iter()
+        .map(|&ch| NewDelivery {
+            id: DeliveryId::generate().to_string(),
+            channel: ch.as_str(),
+            skip_reason: skip_reason(ch, &reach),
+            max_attempts,
+        })
+        .collect();
+    let notification = NewNotification {
+        id: NotificationId::generate().to_string(),
+        api_key_id: Some(caller.key_id().to_owned()),
+        user_id: v.user_id.to_string(),
+        category: v.category.as_str().to_owned(),
+        priority: v.priority.as_str(),
+        title: v.title,
+        body: v.body,
+        data: v.data,
+        request_id: request_id.clone(),
+    };
+
+    let mut tx = state.pool.begin().await.map_err(herald_db::DbError::from)?;
+    let created_at =
+        herald_db::notifications::insert_notification(&mut tx, &notification, &deliveries).await?;
+    tx.commit().await.map_err(herald_db::DbError::from)?;
+
+    enqueue_after_commit(
+        &state,
+        &deliveries,
+        channels.as_slice(),
+        v.priority,
+        request_id.as_deref(),
+    )
+    .await;
+
+    tracing::info!(
+        notification_id = %notification.id,
+        user_id = %notification.user_id,
+        channels = deliveries.len(),
+        "notification accepted"
+    );
+    let body = Accepted {
+        id: notification.id,
+        user_id: notification.user_id,
+        created_at,
+        deliveries: deliveries
+            .into_iter()
+            .map(|d| AcceptedDelivery {
+                id: d.id,
+                channel: d.channel.to_owned(),
+                status: if d.skip_reason.is_some() {
+                    "skipped"
+                } else {
+                    "queued"
+                }
+                .to_owned(),
+                skip_reason: d.skip_reason,
+            })
+            .collect(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+fn skip_reason(ch: Channel, reach: &herald_db::users::Reachability) -> Option<String> {
+    match ch {
+        Channel::Email if !reach.user_exists => {
+            Some("unknown user: no email address on record".into())
+        }
+        Channel::Email if !reach.has_email => Some("user has no email address".into()),
+        Channel::Push if reach.active_devices == 0 => Some("user has no active push device".into()),
+        _ => None,
+    }
+}
+
+/// Pushes one job per queued delivery. A failure is not the caller's
+/// problem: the deliveries are committed and the sweeper will enqueue them.
+async fn enqueue_after_commit(
+    state: &AppState,
+    deliveries: &[NewDelivery],
+    channels: &[Channel],
+    priority: Priority,
+    request_id: Option<&str>,
+) {
+    let jobs: Vec<(QueueName, DeliveryJob)> = deliveries
+        .iter()
+        .zip(channels)
+        .filter(|(d, _)| d.skip_reason.is_none())
+        .filter_map(|(d, &ch)| {
+            let delivery_id = d.id.parse().ok()?;
+            Some((
+                QueueName::new(ch, priority),
+                DeliveryJob {
+                    delivery_id,
+                    attempt: 0,
+                    request_id: request_id.map(str::to_owned),
+                },
+            ))
+        })
+        .collect();
+    if jobs.is_empty() {
+        return;
+    }
+    match state.queue.enqueue(&jobs).await {
+        Ok(()) => {
+            let marks: Vec<(String, i32)> = jobs
+                .iter()
+                .map(|(_, j)| (j.delivery_id.to_string(), 0))
+                .collect();
+            let pool = state.pool.clone();
+            // Off the request path: if this is lost, the sweeper pushes a
+            // duplicate job, which the claim fence turns into a no-op.
+            tokio::spawn(async move {
+                if let Err(e) = herald_db::notifications::mark_enqueued(&pool, &marks).await {
+                    tracing::debug!(error = %e, "could not mark deliveries enqueued; the sweeper will re-enqueue");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "Redis unavailable; deliveries wait for the sweeper"),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationStatus {
+    pub id: String,
+    pub user_id: String,
+    pub category: String,
+    pub priority: String,
+    pub title: String,
+    pub body: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub deliveries: Vec<DeliveryStatusView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryStatusView {
+    pub id: String,
+    pub channel: String,
+    /// queued, sending, retrying, sent, delivered, failed, dead, cancelled, skipped
+    pub status: String,
+    /// Attempts started so far.
+    pub attempts: i32,
+    pub max_attempts: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub attempt_history: Vec<AttemptView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    pub attempt: i32,
+    pub worker_id: String,
+    pub started_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// sent, delivered, skipped, permanent, transient, rate_limited, ambiguous, lease_expired
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_status: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A notification and the state of each channel's delivery.
+#[utoipa::path(
+    get, path = "/v1/notifications/{id}", tag = "notifications",
+    params(("id" = String, Path, description = "Notification id (`ntf_…`)")),
+    responses(
+        (status = 200, description = "The notification with every delivery", body = NotificationStatus),
+        (status = 400, description = "Not a notification id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 404, description = "No such notification", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn get_notification(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NotificationStatus>> {
+    caller.require("read")?;
+    if id.parse::<NotificationId>().is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            format!(
+                "`{}` is not a notification id (expected ntf_ followed by 26 characters)",
+                truncate(&id)
+            ),
+        ));
+    }
+    let Some((n, deliveries)) =
+        herald_db::notifications::get_notification(&state.pool, &id).await?
+    else {
+        return Err(ApiError::not_found("notification", &id));
+    };
+    let ids: Vec<String> = deliveries.iter().map(|d| d.id.clone()).collect();
+    let mut attempts = herald_db::deliveries::list_attempts_for(&state.pool, &ids).await?;
+    Ok(Json(NotificationStatus {
+        id: n.id,
+        user_id: n.user_id,
+        category: n.category,
+        priority: n.priority,
+        title: n.title,
+        body: n.body,
+        data: n.data,
+        created_at: n.created_at,
+        deliveries: deliveries
+            .into_iter()
+            .map(|d| DeliveryStatusView {
+                attempt_history: attempts
+                    .remove(&d.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| AttemptView {
+                        attempt: a.attempt,
+                        worker_id: a.worker_id,
+                        started_at: a.started_at,
+                        finished_at: a.finished_at,
+                        outcome: a.outcome,
+                        provider_status: a.provider_status,
+                        error: a.error,
+                    })
+                    .collect(),
+                id: d.id,
+                channel: d.channel,
+                status: d.status,
+                attempts: d.attempt,
+                max_attempts: d.max_attempts,
+                skip_reason: d.skip_reason,
+                last_error: d.last_error,
+                last_error_class: d.last_error_class,
+                next_attempt_at: d.next_attempt_at,
+                created_at: d.created_at,
+                updated_at: d.updated_at,
+                sent_at: d.sent_at,
+                delivered_at: d.delivered_at,
+                finished_at: d.finished_at,
+            })
+            .collect(),
+    }))
+}
+
+pub(crate) fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}

@@ -1,0 +1,293 @@
+//! One job, start to finish: claim in Postgres, send through the channel,
+//! classify, record, and schedule the retry if there is one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_channels::SendError;
+use herald_channels::email::{Email, EmailSender};
+use herald_channels::push::{PushMessage, PushSender, Target};
+use herald_core::validate::mask_email;
+use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
+use herald_db::deliveries::{AttemptResult, ClaimedDelivery, NextState};
+use herald_queue::{DeliveryJob, QueueClient, QueueName, WorkerId};
+use sqlx::PgPool;
+use tracing::Instrument;
+
+use crate::retry::RetryPolicy;
+
+/// The provider side of a worker.
+#[derive(Debug, Clone)]
+pub enum Sender {
+    Email(EmailSender),
+    Push(PushSender),
+    InApp,
+}
+
+/// Everything a worker's handler needs. Shared by all its in-flight jobs.
+pub struct Deliverer {
+    pub pool: PgPool,
+    pub queue: QueueClient,
+    pub worker_id: WorkerId,
+    pub sender: Sender,
+    pub retry: RetryPolicy,
+    pub lease: Duration,
+    pub send_timeout: Duration,
+}
+
+/// How sending went, before it is turned into a state.
+enum Sent {
+    Ok {
+        status: &'static str,
+        detail: Option<serde_json::Value>,
+    },
+    Skipped(String),
+    Err(SendError, Option<serde_json::Value>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// Postgres is unavailable or failed: the job goes back to the queue
+    /// and is tried again shortly.
+    #[error(transparent)]
+    Db(#[from] herald_db::DbError),
+}
+
+impl Deliverer {
+    /// Handles one job. `Ok` acknowledges it; `Err` hands it back to the
+    /// queue (only for infrastructure failures: provider failures are
+    /// outcomes, recorded and scheduled in Postgres).
+    pub async fn deliver(self: &Arc<Self>, job: &DeliveryJob) -> Result<(), DeliverError> {
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = %job.delivery_id,
+            attempt = job.attempt + 1,
+            request_id = job.request_id.as_deref().unwrap_or("-"),
+            worker_id = %self.worker_id,
+        );
+        self.deliver_inner(job).instrument(span).await
+    }
+
+    async fn deliver_inner(&self, job: &DeliveryJob) -> Result<(), DeliverError> {
+        let id = job.delivery_id.to_string();
+        let Some(claimed) = herald_db::deliveries::claim_delivery(
+            &self.pool,
+            &id,
+            job.attempt,
+            self.lease.as_secs_f64(),
+            self.worker_id.as_str(),
+        )
+        .await?
+        else {
+            // Already claimed, finished or cancelled: a duplicate or stale job.
+            tracing::debug!("job is stale; nothing to do");
+            return Ok(());
+        };
+        let sent = match tokio::time::timeout(self.send_timeout, self.send(&claimed)).await {
+            Ok(sent) => sent?,
+            Err(_) => Sent::Err(
+                SendError::new(
+                    ErrorClass::Ambiguous,
+                    format!("no answer within {:?}", self.send_timeout),
+                ),
+                None,
+            ),
+        };
+        self.record(&claimed, sent).await
+    }
+
+    async fn send(&self, d: &ClaimedDelivery) -> Result<Sent, DeliverError> {
+        Ok(match &self.sender {
+            Sender::Email(sender) => {
+                let Some(raw) = d.email.as_deref() else {
+                    return Ok(Sent::Skipped("user has no email address".into()));
+                };
+                let to = match EmailAddress::parse(raw) {
+                    Ok(to) => to,
+                    Err(e) => {
+                        return Ok(Sent::Err(
+                            SendError::new(ErrorClass::Permanent, e.to_string()),
+                            None,
+                        ));
+                    }
+                };
+                let email = Email {
+                    delivery_id: &d.id,
+                    to: &to,
+                    subject: &d.title,
+                    text: &d.body,
+                };
+                match sender.send(&email).await {
+                    Ok(()) => {
+                        tracing::info!(to = %mask_email(raw), "email sent");
+                        Sent::Ok {
+                            status: "sent",
+                            detail: None,
+                        }
+                    }
+                    Err(e) => Sent::Err(e, None),
+                }
+            }
+            Sender::Push(sender) => {
+                let devices = herald_db::users::active_devices(&self.pool, &d.user_id).await?;
+                if devices.is_empty() {
+                    return Ok(Sent::Skipped("user has no active push device".into()));
+                }
+                let targets: Vec<Target<'_>> = devices
+                    .iter()
+                    .map(|dev| Target {
+                        device_id: &dev.id,
+                        provider: &dev.provider,
+                        platform: &dev.platform,
+                        token: &dev.token,
+                    })
+                    .collect();
+                let message = PushMessage {
+                    delivery_id: &d.id,
+                    notification_id: &d.notification_id,
+                    title: &d.title,
+                    body: &d.body,
+                    data: &d.data,
+                    priority: &d.priority,
+                };
+                match sender.send(&message, &targets).await {
+                    Err(e) => Sent::Err(e, None),
+                    Ok(results) => {
+                        for r in results.iter().filter(|r| r.unregistered) {
+                            let reason = r.error.as_deref().unwrap_or("unregistered");
+                            herald_db::users::disable_device(&self.pool, &r.device_id, reason)
+                                .await?;
+                        }
+                        let ok = results.iter().filter(|r| r.ok).count();
+                        let detail = serde_json::json!({
+                            "devices": results.len(),
+                            "succeeded": ok,
+                            "failed": results.len() - ok,
+                            "results": results,
+                        });
+                        tracing::info!(devices = results.len(), succeeded = ok, "push sent");
+                        if ok > 0 {
+                            Sent::Ok {
+                                status: "sent",
+                                detail: Some(detail),
+                            }
+                        } else {
+                            let class = if results.iter().all(|r| r.unregistered) {
+                                ErrorClass::Permanent
+                            } else {
+                                ErrorClass::Transient
+                            };
+                            Sent::Err(
+                                SendError::new(class, "no device accepted the push"),
+                                Some(detail),
+                            )
+                        }
+                    }
+                }
+            }
+            Sender::InApp => {
+                herald_db::deliveries::insert_inbox_item(&self.pool, &d.notification_id).await?;
+                tracing::info!("in-app message delivered to the inbox");
+                Sent::Ok {
+                    status: "delivered",
+                    detail: None,
+                }
+            }
+        })
+    }
+
+    async fn record(&self, d: &ClaimedDelivery, sent: Sent) -> Result<(), DeliverError> {
+        let attempt = u32::try_from(d.attempt).unwrap_or(u32::MAX);
+        let (next, outcome, provider_status, error, detail) = match sent {
+            Sent::Ok { status, detail } => {
+                let next = if status == "delivered" {
+                    NextState::Delivered
+                } else {
+                    NextState::Sent
+                };
+                (next, status, None, None, detail)
+            }
+            Sent::Skipped(reason) => (NextState::Skipped { reason }, "skipped", None, None, None),
+            Sent::Err(e, detail) => {
+                let next = if !e.class.is_retryable() {
+                    NextState::Failed
+                } else if d.attempt >= d.max_attempts {
+                    NextState::Dead
+                } else {
+                    let wait = self.retry.delay_after(attempt, e.retry_after);
+                    let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+                    NextState::Retrying {
+                        at: chrono::Utc::now() + wait,
+                    }
+                };
+                tracing::warn!(class = %e.class, error = %e.message, next = ?next, "attempt failed");
+                (
+                    next,
+                    e.class.as_str(),
+                    e.provider_status.map(i32::from),
+                    Some(e.message),
+                    detail,
+                )
+            }
+        };
+        let moved = herald_db::deliveries::record_attempt(
+            &self.pool,
+            &AttemptResult {
+                delivery_id: &d.id,
+                attempt: d.attempt,
+                next: next.clone(),
+                outcome,
+                provider_status,
+                error,
+                detail,
+            },
+        )
+        .await?;
+        if !moved {
+            // The lease lapsed and the sweeper (or a newer attempt) took over:
+            // this result must not overwrite theirs.
+            tracing::warn!("result not applied: the delivery moved on while this attempt ran");
+            return Ok(());
+        }
+        if let NextState::Retrying { at } = next {
+            self.schedule_retry(d, at).await;
+        }
+        Ok(())
+    }
+
+    /// Pushes the delayed job for the next attempt. If Redis is down, the
+    /// delivery is still `retrying` in Postgres and the sweeper enqueues it.
+    async fn schedule_retry(&self, d: &ClaimedDelivery, at: chrono::DateTime<chrono::Utc>) {
+        let (Ok(channel), Ok(priority), Ok(delivery_id)) = (
+            d.channel.parse::<Channel>(),
+            d.priority.parse::<Priority>(),
+            d.id.parse(),
+        ) else {
+            tracing::error!("delivery row has an unknown channel or priority");
+            return;
+        };
+        let job = DeliveryJob {
+            delivery_id,
+            attempt: d.attempt,
+            request_id: d.request_id.clone(),
+        };
+        let when = std::time::SystemTime::from(at);
+        match self
+            .queue
+            .enqueue_at(&[(QueueName::new(channel, priority), job, when)])
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = herald_db::notifications::mark_enqueued(
+                    &self.pool,
+                    &[(d.id.clone(), d.attempt)],
+                )
+                .await
+                {
+                    tracing::debug!(error = %e, "could not mark the retry enqueued; the sweeper may push a duplicate");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not enqueue the retry; the sweeper will"),
+        }
+    }
+}

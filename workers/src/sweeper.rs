@@ -1,0 +1,139 @@
+//! The sweeper: makes sure every waiting delivery has a job in Redis.
+//!
+//! It runs inside every worker process; a Postgres advisory lock lets one
+//! act at a time. Each pass:
+//! 1. if Redis lost its data (its epoch marker is gone: restart without
+//!    persistence, `FLUSHALL`, eviction), forgets which deliveries were
+//!    enqueued, so all waiting ones are owed a job again;
+//! 2. moves claims whose lease lapsed to `retrying` (or `dead`);
+//! 3. pushes a job for every delivery owed one (see `herald_db::sweep`).
+//!
+//! Re-enqueueing is always safe: claims are fenced on the attempt number.
+
+use std::time::Duration;
+
+use herald_core::{Channel, Priority};
+use herald_db::sweep::OwedJob;
+use herald_queue::{DeliveryJob, QueueClient, QueueName};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries younger than this are left to the process that wrote them.
+const GRACE_SECS: f64 = 2.0;
+/// Most deliveries handled per pass; a bigger backlog takes several passes.
+const BATCH: i64 = 5_000;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassReport {
+    pub ran: bool,
+    pub redis_reset: bool,
+    pub expired_leases: u64,
+    pub enqueued: u64,
+}
+
+/// One sweep pass.
+pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<PassReport> {
+    let mut report = PassReport::default();
+    if !queue.check_epoch().await? {
+        let n = herald_db::sweep::forget_enqueued(pool).await?;
+        tracing::warn!(
+            deliveries = n,
+            "Redis lost its data; re-enqueueing every waiting delivery"
+        );
+        report.redis_reset = true;
+    }
+    loop {
+        let r = herald_db::sweep::sweep(pool, GRACE_SECS, BATCH).await?;
+        if !r.ran {
+            return Ok(report);
+        }
+        report.ran = true;
+        report.expired_leases += r.expired_leases;
+        if r.expired_leases > 0 {
+            tracing::warn!(
+                expired = r.expired_leases,
+                dead = r.dead_after_lease,
+                "reclaimed lapsed claims"
+            );
+        }
+        let n = r.owed.len();
+        enqueue_owed(pool, queue, &r.owed).await?;
+        report.enqueued += n as u64;
+        if (n as i64) < BATCH {
+            return Ok(report);
+        }
+    }
+}
+
+async fn enqueue_owed(pool: &PgPool, queue: &QueueClient, owed: &[OwedJob]) -> anyhow::Result<()> {
+    if owed.is_empty() {
+        return Ok(());
+    }
+    let now = chrono::Utc::now();
+    let mut ready = Vec::new();
+    let mut later = Vec::new();
+    let mut marks = Vec::with_capacity(owed.len());
+    for o in owed {
+        let (Ok(channel), Ok(priority), Ok(delivery_id)) = (
+            o.channel.parse::<Channel>(),
+            o.priority.parse::<Priority>(),
+            o.id.parse(),
+        ) else {
+            tracing::error!(delivery_id = %o.id, "delivery row has an unknown channel or priority");
+            continue;
+        };
+        let queue_name = QueueName::new(channel, priority);
+        let job = DeliveryJob {
+            delivery_id,
+            attempt: o.attempt,
+            request_id: o.request_id.clone(),
+        };
+        match o.next_attempt_at {
+            Some(at) if at > now => later.push((queue_name, job, std::time::SystemTime::from(at))),
+            _ => ready.push((queue_name, job)),
+        }
+        marks.push((o.id.clone(), o.attempt));
+    }
+    if !ready.is_empty() {
+        queue.enqueue(&ready).await?;
+    }
+    if !later.is_empty() {
+        queue.enqueue_at(&later).await?;
+    }
+    herald_db::notifications::mark_enqueued(pool, &marks).await?;
+    tracing::info!(
+        ready = ready.len(),
+        scheduled = later.len(),
+        "sweeper enqueued deliveries owed a job"
+    );
+    Ok(())
+}
+
+/// Sweeps every `interval` until `shutdown` is cancelled. Errors (Postgres
+/// or Redis down) are logged and the next pass tries again.
+pub async fn run(
+    pool: PgPool,
+    queue: QueueClient,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        match sweep_once(&pool, &queue).await {
+            Ok(_) if failing => {
+                tracing::info!("sweeper recovered");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "sweep failed; retrying every pass until it works");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
