@@ -23,9 +23,7 @@ fn expect_error(status: u16, body: &Value, want_status: u16, want_code: &str) ->
 }
 
 async fn post_raw(app: &TestApp, body: &str, content_type: Option<&str>) -> (u16, Value) {
-    let mut req = app
-        .request(Method::POST, "/v1/notifications")
-        .body(body.to_owned());
+    let mut req = app.request(Method::POST, "/v1/notifications").body(body.to_owned());
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
@@ -43,17 +41,9 @@ async fn invalid_notification_requests_get_a_clear_4xx() {
 
     let (s, b) = post_raw(&app, r#"{"user_id": 42, "title": "x"}"#, json_ct).await;
     let m = expect_error(s, &b, 422, "invalid_body");
-    assert!(
-        m.contains("user_id") && m.contains("expected a string"),
-        "{m}"
-    );
+    assert!(m.contains("user_id") && m.contains("expected a string"), "{m}");
 
-    let (s, b) = post_raw(
-        &app,
-        r#"{"user_id": "u_1", "title": "x", "colour": "red"}"#,
-        json_ct,
-    )
-    .await;
+    let (s, b) = post_raw(&app, r#"{"user_id": "u_1", "title": "x", "colour": "red"}"#, json_ct).await;
     let m = expect_error(s, &b, 422, "invalid_body");
     assert!(m.contains("unknown field `colour`"), "{m}");
 
@@ -61,12 +51,7 @@ async fn invalid_notification_requests_get_a_clear_4xx() {
     let m = expect_error(s, &b, 422, "invalid_body");
     assert!(m.contains("missing field `user_id`"), "{m}");
 
-    let (s, b) = post_raw(
-        &app,
-        r#"{"user_id": "u_1", "title": "x"}"#,
-        Some("text/plain"),
-    )
-    .await;
+    let (s, b) = post_raw(&app, r#"{"user_id": "u_1", "title": "x"}"#, Some("text/plain")).await;
     expect_error(s, &b, 415, "unsupported_media_type");
     let (s, b) = post_raw(&app, r#"{"user_id": "u_1", "title": "x"}"#, None).await;
     expect_error(s, &b, 415, "unsupported_media_type");
@@ -77,11 +62,7 @@ async fn invalid_notification_requests_get_a_clear_4xx() {
             "title",
             "must not be empty",
         ),
-        (
-            json!({"user_id": "u_1", "title": "   "}),
-            "title",
-            "must not be empty",
-        ),
+        (json!({"user_id": "u_1", "title": "   "}), "title", "must not be empty"),
         (
             json!({"user_id": "u_1", "title": "x", "channels": ["sms"]}),
             "channels[0]",
@@ -102,16 +83,8 @@ async fn invalid_notification_requests_get_a_clear_4xx() {
             "priority",
             "expected one of high, normal, low",
         ),
-        (
-            json!({"user_id": "", "title": "x"}),
-            "user_id",
-            "must not be empty",
-        ),
-        (
-            json!({"user_id": "u 1", "title": "x"}),
-            "user_id",
-            "may contain only",
-        ),
+        (json!({"user_id": "", "title": "x"}), "user_id", "must not be empty"),
+        (json!({"user_id": "u 1", "title": "x"}), "user_id", "may contain only"),
         (
             json!({"user_id": "u_1", "title": "x", "category": "Big Sale"}),
             "category",
@@ -216,9 +189,7 @@ async fn requests_without_a_valid_key_or_scope_are_refused() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 202);
-    herald_db::api_keys::revoke_api_key(app.pool(), &key.id)
-        .await
-        .unwrap();
+    herald_db::api_keys::revoke_api_key(app.pool(), &key.id).await.unwrap();
     let res = app
         .http
         .post(app.url("/v1/notifications"))
@@ -247,23 +218,15 @@ async fn bad_ids_routes_and_user_input_get_a_clear_4xx() {
     let (s, b) = app.get_json("/v1/notifications/12345").await;
     let m = expect_error(s, &b, 400, "invalid_id");
     assert!(m.contains("ntf_"), "{m}");
-    let (s, b) = app
-        .get_json("/v1/notifications/ntf_01JD0000000000000000000000")
-        .await;
+    let (s, b) = app.get_json("/v1/notifications/ntf_01JD0000000000000000000000").await;
     expect_error(s, &b, 404, "not_found");
     let (s, b) = app.get_json("/v1/nothing-here").await;
     expect_error(s, &b, 404, "route_not_found");
-    let res = app
-        .request(Method::PATCH, "/v1/notifications")
-        .send()
-        .await
-        .unwrap();
+    let res = app.request(Method::PATCH, "/v1/notifications").send().await.unwrap();
     let (s, b) = status_and_json(res).await;
     expect_error(s, &b, 405, "method_not_allowed");
 
-    let (s, b) = app
-        .put_json("/v1/users/u_1", &json!({"email": "not-an-address"}))
-        .await;
+    let (s, b) = app.put_json("/v1/users/u_1", &json!({"email": "not-an-address"})).await;
     let m = expect_error(s, &b, 422, "validation_failed");
     assert!(m.contains("email"), "{m}");
     let (s, b) = app
@@ -297,14 +260,8 @@ async fn bad_ids_routes_and_user_input_get_a_clear_4xx() {
             json!({"platform": "android", "provider": "apns", "token": "t"}),
             "provider",
         ),
-        (
-            json!({"platform": "ios", "provider": "apns", "token": ""}),
-            "token",
-        ),
-        (
-            json!({"platform": "ios", "provider": "apns", "token": "a b"}),
-            "token",
-        ),
+        (json!({"platform": "ios", "provider": "apns", "token": ""}), "token"),
+        (json!({"platform": "ios", "provider": "apns", "token": "a b"}), "token"),
     ];
     for (body, field) in bad_devices {
         let (s, b) = app.post_json("/v1/users/u_1/devices", body).await;
@@ -339,10 +296,7 @@ async fn the_api_answers_503_not_500_when_postgres_is_unreachable() {
     // that is down; Redis down must not matter for accepting.
     let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
     let mut env = app.env.clone();
-    env.insert(
-        "DATABASE_URL".into(),
-        "postgres://postgres@127.0.0.1:1/none".into(),
-    );
+    env.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/none".into());
     env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());
     let settings = herald_config::Settings::from_map(&env).unwrap();
     let state = herald_api::AppState::new(settings).unwrap();
@@ -360,12 +314,7 @@ async fn the_api_answers_503_not_500_when_postgres_is_unreachable() {
     assert_eq!(res.headers()["retry-after"], "1");
     let (s, b) = status_and_json(res).await;
     expect_error(s, &b, 503, "database_unavailable");
-    let res = app
-        .http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.http.get(format!("http://{addr}/readyz")).send().await.unwrap();
     let (s, b) = status_and_json(res).await;
     assert_eq!(s, 503, "{b}");
     assert_ne!(b["redis"], "ok");
@@ -415,12 +364,7 @@ async fn the_openapi_document_lists_every_route() {
             .replace("{user_id}", "u_1")
             .replace("{device_id}", "dev_01JD0000000000000000000000");
         let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-        let res = app
-            .request(m, &concrete)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap();
+        let res = app.request(m, &concrete).json(&json!({})).send().await.unwrap();
         let (_, b) = status_and_json(res).await;
         let code = b["error"]["code"].as_str().unwrap_or("");
         assert!(

@@ -51,10 +51,7 @@ async fn a_notification_is_delivered_on_email_push_and_in_app() {
     assert_eq!(in_app["status"], "delivered", "{doc}");
     for d in [email, push, in_app] {
         assert_eq!(d["attempts"], 1, "{d}");
-        assert!(
-            d["sent_at"].is_string() && d["finished_at"].is_string(),
-            "{d}"
-        );
+        assert!(d["sent_at"].is_string() && d["finished_at"].is_string(), "{d}");
         let history = d["attempt_history"].as_array().unwrap();
         assert_eq!(history.len(), 1);
         assert!(history[0]["worker_id"].as_str().unwrap().contains("worker"));
@@ -66,10 +63,7 @@ async fn a_notification_is_delivered_on_email_push_and_in_app() {
             .iter()
             .map(|s| order.iter().position(|o| o == s).unwrap())
             .collect();
-        assert!(
-            ranks.windows(2).all(|w| w[0] < w[1]),
-            "{id} went {statuses:?}"
-        );
+        assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{id} went {statuses:?}");
     }
 
     // The email exists as a file a person can open, with the delivery id.
@@ -99,10 +93,7 @@ async fn a_notification_is_delivered_on_email_push_and_in_app() {
             .fetch_one(app.pool())
             .await
             .unwrap();
-    assert_eq!(
-        (user.as_str(), title.as_str()),
-        ("u_42", "Your order shipped")
-    );
+    assert_eq!((user.as_str(), title.as_str()), ("u_42", "Your order shipped"));
     app.stop().await;
 }
 
@@ -120,10 +111,7 @@ async fn a_user_without_email_or_devices_gets_skipped_channels_not_an_error() {
     assert_eq!(status, 202, "{accepted}");
     let ntf = accepted["id"].as_str().unwrap();
     assert_eq!(delivery(&accepted, "email")["status"], "skipped");
-    assert_eq!(
-        delivery(&accepted, "email")["skip_reason"],
-        "user has no email address"
-    );
+    assert_eq!(delivery(&accepted, "email")["skip_reason"], "user has no email address");
     assert_eq!(
         delivery(&accepted, "push")["skip_reason"],
         "user has no active push device"
@@ -142,10 +130,7 @@ async fn omitted_channels_mean_every_channel_the_user_can_receive() {
     app.put_json("/v1/users/u_mail", &json!({"email": "mail@example.com"}))
         .await;
     let (_, accepted) = app
-        .post_json(
-            "/v1/notifications",
-            &json!({"user_id": "u_mail", "title": "Hi"}),
-        )
+        .post_json("/v1/notifications", &json!({"user_id": "u_mail", "title": "Hi"}))
         .await;
     let channels: Vec<&str> = accepted["deliveries"]
         .as_array()
@@ -157,23 +142,13 @@ async fn omitted_channels_mean_every_channel_the_user_can_receive() {
 
     app.create_reachable_user("u_all").await;
     let (_, accepted) = app
-        .post_json(
-            "/v1/notifications",
-            &json!({"user_id": "u_all", "title": "Hi"}),
-        )
+        .post_json("/v1/notifications", &json!({"user_id": "u_all", "title": "Hi"}))
         .await;
-    assert_eq!(
-        accepted["deliveries"].as_array().unwrap().len(),
-        3,
-        "{accepted}"
-    );
+    assert_eq!(accepted["deliveries"].as_array().unwrap().len(), 3, "{accepted}");
 
     // An unknown user can still be reached in-app.
     let (s, accepted) = app
-        .post_json(
-            "/v1/notifications",
-            &json!({"user_id": "u_nobody", "title": "Hi"}),
-        )
+        .post_json("/v1/notifications", &json!({"user_id": "u_nobody", "title": "Hi"}))
         .await;
     assert_eq!(s, 202);
     assert_eq!(accepted["deliveries"][0]["channel"], "in_app");
@@ -193,12 +168,11 @@ async fn the_request_id_is_echoed_and_travels_with_the_notification() {
         .unwrap();
     assert_eq!(res.headers()["x-request-id"], "req-from-caller-1");
     let body: Value = res.json().await.unwrap();
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT request_id FROM notifications WHERE id = $1")
-            .bind(body["id"].as_str().unwrap())
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
+    let stored: Option<String> = sqlx::query_scalar("SELECT request_id FROM notifications WHERE id = $1")
+        .bind(body["id"].as_str().unwrap())
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
     assert_eq!(stored.as_deref(), Some("req-from-caller-1"));
 
     // Without one (or with an unsafe one), Herald makes one.
@@ -244,11 +218,7 @@ async fn notifications_accepted_while_no_worker_runs_are_delivered_when_one_star
         shutdown.clone(),
     ));
     let delivered = app
-        .wait_count(
-            "SELECT count(*) FROM deliveries WHERE status = 'delivered'",
-            20,
-            WAIT,
-        )
+        .wait_count("SELECT count(*) FROM deliveries WHERE status = 'delivered'", 20, WAIT)
         .await;
     assert_eq!(delivered, 20);
     shutdown.cancel();
@@ -293,19 +263,13 @@ async fn users_and_devices_can_be_created_read_and_removed() {
     assert_eq!(got["devices"].as_array().unwrap().len(), 1);
     let dev_id = dev["id"].as_str().unwrap();
     let res = app
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/users/u_7/devices/{dev_id}"),
-        )
+        .request(reqwest::Method::DELETE, &format!("/v1/users/u_7/devices/{dev_id}"))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 204);
     let res = app
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1/users/u_7/devices/{dev_id}"),
-        )
+        .request(reqwest::Method::DELETE, &format!("/v1/users/u_7/devices/{dev_id}"))
         .send()
         .await
         .unwrap();

@@ -24,39 +24,24 @@ fn read(rel: &str) -> String {
 /// Every binary the workspace builds, from `cargo metadata`.
 fn workspace_binaries() -> BTreeSet<String> {
     let out = Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--no-deps",
-            "--format-version",
-            "1",
-            "--offline",
-        ])
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
         .current_dir(root())
         .output()
         .expect("cargo metadata");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let meta: Json = serde_json::from_slice(&out.stdout).expect("metadata JSON");
     meta["packages"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter(|t| {
-            t["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "bin"))
-        })
+        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
         .filter_map(|t| t["name"].as_str().map(str::to_owned))
         .collect()
 }
 
 fn compose() -> Yaml {
-    let mut doc: Yaml =
-        serde_yaml::from_str(&read("deploy/compose.yaml")).expect("compose.yaml parses");
+    let mut doc: Yaml = serde_yaml::from_str(&read("deploy/compose.yaml")).expect("compose.yaml parses");
     doc.apply_merge().expect("merge keys resolve");
     doc
 }
@@ -94,10 +79,7 @@ fn the_compose_file_runs_only_binaries_the_workspace_builds_with_known_variables
         else {
             continue;
         };
-        if svc["image"]
-            .as_str()
-            .is_some_and(|i| i.starts_with("herald"))
-        {
+        if svc["image"].as_str().is_some_and(|i| i.starts_with("herald")) {
             herald_services += 1;
             assert!(
                 bins.contains(cmd),
@@ -172,10 +154,7 @@ fn the_container_image_holds_every_binary_compose_runs() {
     }
     let doc = compose();
     for (name, svc) in doc["services"].as_mapping().expect("services") {
-        if svc["image"]
-            .as_str()
-            .is_some_and(|i| i.starts_with("herald"))
-        {
+        if svc["image"].as_str().is_some_and(|i| i.starts_with("herald")) {
             let cmd = svc["command"][0].as_str().unwrap_or_default();
             assert!(
                 copied.contains(cmd),
@@ -202,10 +181,7 @@ fn quick_start_commands() -> Vec<String> {
         .split("## Quick start")
         .nth(1)
         .expect("README has a Quick start section");
-    let block = section
-        .split("```")
-        .nth(1)
-        .expect("Quick start has a code block");
+    let block = section.split("```").nth(1).expect("Quick start has a code block");
     block
         .lines()
         .skip(1) // the language tag line

@@ -27,8 +27,7 @@ fn child_worker() {
     };
     let channel: Channel = role.parse().expect("a channel name");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(herald_workers::main_for(channel))
-        .expect("worker ran");
+    rt.block_on(herald_workers::main_for(channel)).expect("worker ran");
 }
 
 fn spawn_worker(app: &TestApp, channel: Channel) -> Child {
@@ -59,15 +58,10 @@ fn terminate(child: &mut Child, timeout: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_email_worker_processes_share_the_queue_without_double_sending() {
     let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
-    let mut workers = vec![
-        spawn_worker(&app, Channel::Email),
-        spawn_worker(&app, Channel::Email),
-    ];
+    let mut workers = vec![spawn_worker(&app, Channel::Email), spawn_worker(&app, Channel::Email)];
 
     // Both replicas are up (registered in Redis) before any work arrives.
-    let queue =
-        herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&app.settings))
-            .unwrap();
+    let queue = herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&app.settings)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while queue.workers().await.map(|w| w.len()).unwrap_or(0) < 2 {
         assert!(Instant::now() < deadline, "worker processes did not start");
@@ -94,10 +88,7 @@ async fn two_email_worker_processes_share_the_queue_without_double_sending() {
             Duration::from_secs(60),
         )
         .await;
-    println!(
-        "{sent} emails sent by 2 worker processes in {:?}",
-        started.elapsed()
-    );
+    println!("{sent} emails sent by 2 worker processes in {:?}", started.elapsed());
     assert_eq!(sent, N);
 
     // Exactly one attempt per delivery, spread over both replicas.

@@ -53,11 +53,7 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no {what} with id `{id}`"),
-        )
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} with id `{id}`"))
     }
 
     /// A field the caller must fix, as a 422 naming the field.

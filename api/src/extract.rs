@@ -44,18 +44,13 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(e) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
-            format!(
-                "the body does not match the expected shape: {}",
-                serde_source(e)
-            ),
+            format!("the body does not match the expected shape: {}", serde_source(e)),
         ),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the request body is larger than this server accepts (HERALD_MAX_BODY_BYTES)",
-            )
-        }
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than this server accepts (HERALD_MAX_BODY_BYTES)",
+        ),
         other => ApiError::new(other.status(), "bad_request", other.body_text()),
     }
 }
@@ -97,10 +92,7 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let headers = &parts.headers;
         let token = headers
             .get(axum::http::header::AUTHORIZATION)

@@ -16,9 +16,7 @@ use herald_config::Settings;
 use herald_queue::{QueueClient, QueueConfig};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -44,9 +42,8 @@ impl AppState {
     /// lazily and the queue client reconnects on its own, so the API starts
     /// (and reports not-ready) while a dependency is still coming up.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
-        let pool =
-            herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
-                .context("DATABASE_URL")?;
+        let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
+            .context("DATABASE_URL")?;
         let queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
         Ok(Self {
             pool,
@@ -122,10 +119,7 @@ impl MakeRequestId for MakeUlid {
 async fn drop_unsafe_request_id(mut req: Request) -> Request {
     let ok = req.headers().get("x-request-id").is_none_or(|v| {
         let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= 64
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+        !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
     });
     if !ok {
         req.headers_mut().remove("x-request-id");

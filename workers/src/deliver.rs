@@ -105,10 +105,7 @@ impl Deliverer {
                 let to = match EmailAddress::parse(raw) {
                     Ok(to) => to,
                     Err(e) => {
-                        return Ok(Sent::Err(
-                            SendError::new(ErrorClass::Permanent, e.to_string()),
-                            None,
-                        ));
+                        return Ok(Sent::Err(SendError::new(ErrorClass::Permanent, e.to_string()), None));
                     }
                 };
                 let email = Email {
@@ -155,8 +152,7 @@ impl Deliverer {
                     Ok(results) => {
                         for r in results.iter().filter(|r| r.unregistered) {
                             let reason = r.error.as_deref().unwrap_or("unregistered");
-                            herald_db::users::disable_device(&self.pool, &r.device_id, reason)
-                                .await?;
+                            herald_db::users::disable_device(&self.pool, &r.device_id, reason).await?;
                         }
                         let ok = results.iter().filter(|r| r.ok).count();
                         let detail = serde_json::json!({
@@ -177,10 +173,7 @@ impl Deliverer {
                             } else {
                                 ErrorClass::Transient
                             };
-                            Sent::Err(
-                                SendError::new(class, "no device accepted the push"),
-                                Some(detail),
-                            )
+                            Sent::Err(SendError::new(class, "no device accepted the push"), Some(detail))
                         }
                     }
                 }
@@ -278,11 +271,7 @@ impl Deliverer {
             .await
         {
             Ok(()) => {
-                if let Err(e) = herald_db::notifications::mark_enqueued(
-                    &self.pool,
-                    &[(d.id.clone(), d.attempt)],
-                )
-                .await
+                if let Err(e) = herald_db::notifications::mark_enqueued(&self.pool, &[(d.id.clone(), d.attempt)]).await
                 {
                     tracing::debug!(error = %e, "could not mark the retry enqueued; the sweeper may push a duplicate");
                 }

@@ -44,8 +44,7 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
         )?),
         Channel::Push => match &settings.push_transport {
             PushTransport::File { path } => Sender::Push(
-                PushSender::file(path.clone())
-                    .with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
+                PushSender::file(path.clone()).with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
             ),
         },
         Channel::InApp => Sender::InApp,
@@ -75,12 +74,8 @@ pub async fn run_worker(
         lease: settings.lease,
         send_timeout: settings.send_timeout,
     });
-    let backend = RedisBackend::new(
-        queue_cfg,
-        QueueName::for_channel(channel).to_vec(),
-        worker_id.clone(),
-    )
-    .context("REDIS_URL")?;
+    let backend = RedisBackend::new(queue_cfg, QueueName::for_channel(channel).to_vec(), worker_id.clone())
+        .context("REDIS_URL")?;
     tracing::info!(%worker_id, channel = %channel, concurrency = settings.worker_concurrency, "worker started");
     WorkerBuilder::new(worker_id.to_string())
         .backend(backend)
@@ -102,18 +97,13 @@ pub async fn run_worker(
 
 /// Connects, migrates, and runs the given channels' workers plus the
 /// sweeper in this process until `shutdown` is cancelled.
-pub async fn run(
-    settings: Settings,
-    channels: &[Channel],
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
-        .context("DATABASE_URL")?;
+pub async fn run(settings: Settings, channels: &[Channel], shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool =
+        herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections).context("DATABASE_URL")?;
     herald_db::migrate_with_retry(&pool, Duration::from_secs(30))
         .await
         .context("applying migrations (is DATABASE_URL reachable?)")?;
-    let sweeper_queue =
-        QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
+    let sweeper_queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
     let sweeper = tokio::spawn(sweeper::run(
         pool.clone(),
         sweeper_queue,
@@ -145,14 +135,13 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Deliveries younger than this are left to the process that wrote them.
 const GRACE_SECS: f64 = 2.0;
+/// Idempotency keys are kept this long (the API promises at least 24 h).
+const IDEMPOTENCY_HOURS: i32 = 48;
 /// Most deliveries handled per pass; a bigger backlog takes several passes.
 const BATCH: i64 = 5_000;
 
@@ -35,11 +37,14 @@ pub struct PassReport {
 pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<PassReport> {
     let mut report = PassReport::default();
     if !queue.check_epoch().await? {
+        // No marker: a first start on this Redis, or Redis lost its data.
         let n = herald_db::sweep::forget_enqueued(pool).await?;
-        tracing::warn!(
-            deliveries = n,
-            "Redis lost its data; re-enqueueing every waiting delivery"
-        );
+        if n > 0 {
+            tracing::warn!(
+                deliveries = n,
+                "Redis lost its data; re-enqueueing every waiting delivery"
+            );
+        }
         report.redis_reset = true;
     }
     loop {
@@ -60,6 +65,7 @@ pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<Pa
         enqueue_owed(pool, queue, &r.owed).await?;
         report.enqueued += n as u64;
         if (n as i64) < BATCH {
+            herald_db::notifications::expire_idempotency_keys(pool, IDEMPOTENCY_HOURS).await?;
             return Ok(report);
         }
     }
@@ -111,12 +117,7 @@ async fn enqueue_owed(pool: &PgPool, queue: &QueueClient, owed: &[OwedJob]) -> a
 
 /// Sweeps every `interval` until `shutdown` is cancelled. Errors (Postgres
 /// or Redis down) are logged and the next pass tries again.
-pub async fn run(
-    pool: PgPool,
-    queue: QueueClient,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn run(pool: PgPool, queue: QueueClient, interval: Duration, shutdown: CancellationToken) {
     let mut failing = false;
     loop {
         match sweep_once(&pool, &queue).await {

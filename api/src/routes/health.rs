@@ -40,12 +40,8 @@ pub struct Readiness {
     ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let (pg, redis) = tokio::join!(herald_db::ping(&state.pool), state.queue.ping());
-    let postgres = pg
-        .as_ref()
-        .map_or_else(|e| e.to_string(), |()| "ok".to_owned());
-    let redis = redis
-        .as_ref()
-        .map_or_else(|e| e.to_string(), |()| "ok".to_owned());
+    let postgres = pg.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned());
+    let redis = redis.as_ref().map_or_else(|e| e.to_string(), |()| "ok".to_owned());
     let ready = pg.is_ok();
     let status = if ready {
         StatusCode::OK

@@ -8,15 +8,16 @@
 use std::collections::BTreeSet;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use herald_core::validate::{MAX_BODY_CHARS, MAX_TITLE_CHARS, check_text};
 use herald_core::{Category, Channel, DeliveryId, NotificationId, Priority, UserId};
-use herald_db::notifications::{NewDelivery, NewNotification};
+use herald_db::notifications::{Idempotency, NewDelivery, NewNotification};
 use herald_queue::{DeliveryJob, QueueName};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
 
@@ -158,10 +159,13 @@ fn validate(req: CreateNotification) -> ApiResult<Validated> {
 ///
 /// Answers 202 once the notification and one delivery per channel are
 /// committed; delivery happens afterwards. Poll `GET /v1/notifications/{id}`
-/// for progress.
+/// for progress. With an `Idempotency-Key` header (per API key, kept at
+/// least 24 hours), a repeat of the same request answers the original
+/// response (`Idempotent-Replayed: true`) and creates nothing.
 #[utoipa::path(
     post, path = "/v1/notifications", tag = "notifications",
     request_body = CreateNotification,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body answer the first response again")),
     responses(
         (status = 202, description = "Accepted: stored and queued", body = Accepted),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -178,12 +182,25 @@ pub async fn create_notification(
     State(state): State<AppState>,
     caller: Caller,
     request_id: Option<Extension<RequestId>>,
-    ApiJson(req): ApiJson<CreateNotification>,
-) -> ApiResult<impl IntoResponse> {
+    headers: HeaderMap,
+    ApiJson(raw): ApiJson<serde_json::Value>,
+) -> ApiResult<Response> {
     caller.require("send")?;
+    let idempotency = idempotency_key(&headers)?.map(|key| {
+        // serde_json's maps are sorted, so equal bodies hash equally
+        // whatever their key order or spacing.
+        let hash = Sha256::digest(raw.to_string().as_bytes()).to_vec();
+        (key, hash)
+    });
+    let req: CreateNotification = serde_json::from_value(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("the body does not match the expected shape: {e}"),
+        )
+    })?;
     let v = validate(req)?;
-    let request_id =
-        request_id.and_then(|Extension(r)| r.header_value().to_str().ok().map(str::to_owned));
+    let request_id = request_id.and_then(|Extension(r)| r.header_value().to_str().ok().map(str::to_owned));
 
     let reach = herald_db::users::reachability(&state.pool, v.user_id.as_str()).await?;
     let channels = v.channels.clone().unwrap_or_else(|| {
@@ -220,8 +237,34 @@ pub async fn create_notification(
     };
 
     let mut tx = state.pool.begin().await.map_err(herald_db::DbError::from)?;
-    let created_at =
-        herald_db::notifications::insert_notification(&mut tx, &notification, &deliveries).await?;
+    if let Some((key, hash)) = &idempotency {
+        match herald_db::notifications::claim_idempotency_key(&mut tx, caller.key_id(), key, hash).await? {
+            Idempotency::Fresh => {}
+            Idempotency::Replay { status, response } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+                let mut res = (status, Json(response)).into_response();
+                res.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(res);
+            }
+            Idempotency::Mismatch => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    format!(
+                        "Idempotency-Key `{key}` was already used with a different request body; \
+                         use a new key for a new notification"
+                    ),
+                ));
+            }
+        }
+    }
+    let created_at = herald_db::notifications::insert_notification(&mut tx, &notification, &deliveries).await?;
+    let body = accepted_body(&notification, &deliveries, created_at);
+    if let Some((key, _)) = &idempotency {
+        let stored = serde_json::to_value(&body).map_err(|e| ApiError::internal(&e))?;
+        herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
+    }
     tx.commit().await.map_err(herald_db::DbError::from)?;
 
     enqueue_after_commit(
@@ -239,33 +282,51 @@ pub async fn create_notification(
         channels = deliveries.len(),
         "notification accepted"
     );
-    let body = Accepted {
-        id: notification.id,
-        user_id: notification.user_id,
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn accepted_body(n: &NewNotification, deliveries: &[NewDelivery], created_at: DateTime<Utc>) -> Accepted {
+    Accepted {
+        id: n.id.clone(),
+        user_id: n.user_id.clone(),
         created_at,
         deliveries: deliveries
-            .into_iter()
+            .iter()
             .map(|d| AcceptedDelivery {
-                id: d.id,
+                id: d.id.clone(),
                 channel: d.channel.to_owned(),
-                status: if d.skip_reason.is_some() {
-                    "skipped"
-                } else {
-                    "queued"
-                }
-                .to_owned(),
-                skip_reason: d.skip_reason,
+                status: if d.skip_reason.is_some() { "skipped" } else { "queued" }.to_owned(),
+                skip_reason: d.skip_reason.clone(),
             })
             .collect(),
+    }
+}
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The `Idempotency-Key` header, if any, checked to be short and printable.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
     };
-    Ok((StatusCode::ACCEPTED, Json(body)))
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.chars().all(|c| c.is_ascii_graphic()) => {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters without spaces (a UUID works)"
+            ),
+        )),
+    }
 }
 
 fn skip_reason(ch: Channel, reach: &herald_db::users::Reachability) -> Option<String> {
     match ch {
-        Channel::Email if !reach.user_exists => {
-            Some("unknown user: no email address on record".into())
-        }
+        Channel::Email if !reach.user_exists => Some("unknown user: no email address on record".into()),
         Channel::Email if !reach.has_email => Some("user has no email address".into()),
         Channel::Push if reach.active_devices == 0 => Some("user has no active push device".into()),
         _ => None,
@@ -302,10 +363,7 @@ async fn enqueue_after_commit(
     }
     match state.queue.enqueue(&jobs).await {
         Ok(()) => {
-            let marks: Vec<(String, i32)> = jobs
-                .iter()
-                .map(|(_, j)| (j.delivery_id.to_string(), 0))
-                .collect();
+            let marks: Vec<(String, i32)> = jobs.iter().map(|(_, j)| (j.delivery_id.to_string(), 0)).collect();
             let pool = state.pool.clone();
             // Off the request path: if this is lost, the sweeper pushes a
             // duplicate job, which the claim fence turns into a no-op.
@@ -405,9 +463,7 @@ pub async fn get_notification(
             ),
         ));
     }
-    let Some((n, deliveries)) =
-        herald_db::notifications::get_notification(&state.pool, &id).await?
-    else {
+    let Some((n, deliveries)) = herald_db::notifications::get_notification(&state.pool, &id).await? else {
         return Err(ApiError::not_found("notification", &id));
     };
     let ids: Vec<String> = deliveries.iter().map(|d| d.id.clone()).collect();

@@ -84,17 +84,13 @@ fn check_locale(s: &str) -> ApiResult<()> {
     let lang_ok = parts
         .next()
         .is_some_and(|p| (2..=3).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphabetic()));
-    let rest_ok =
-        parts.all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()));
+    let rest_ok = parts.all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()));
     if lang_ok && rest_ok && s.len() <= 35 {
         Ok(())
     } else {
         Err(ApiError::invalid(
             "locale",
-            format!(
-                "`{}` is not a language tag like `en` or `pt-BR`",
-                truncate(s)
-            ),
+            format!("`{}` is not a language tag like `en` or `pt-BR`", truncate(s)),
         ))
     }
 }
@@ -111,10 +107,7 @@ fn check_timezone(s: &str) -> ApiResult<()> {
     } else {
         Err(ApiError::invalid(
             "timezone",
-            format!(
-                "`{}` is not a time zone name like `Europe/Paris` or `UTC`",
-                truncate(s)
-            ),
+            format!("`{}` is not a time zone name like `Europe/Paris` or `UTC`", truncate(s)),
         ))
     }
 }
@@ -171,11 +164,7 @@ pub async fn put_user(
         },
     )
     .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(user_view(&state, user).await?)))
 }
 
@@ -249,10 +238,7 @@ pub async fn register_device(
         (platform, provider),
         (DevicePlatform::Ios, PushProvider::Apns | PushProvider::Fcm)
             | (DevicePlatform::Android, PushProvider::Fcm)
-            | (
-                DevicePlatform::Web,
-                PushProvider::WebPush | PushProvider::Fcm
-            )
+            | (DevicePlatform::Web, PushProvider::WebPush | PushProvider::Fcm)
     );
     if !compatible {
         return Err(ApiError::invalid(
@@ -263,15 +249,10 @@ pub async fn register_device(
         ));
     }
     let token = req.token.trim();
-    if token.is_empty()
-        || token.len() > MAX_TOKEN_CHARS
-        || token.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if token.is_empty() || token.len() > MAX_TOKEN_CHARS || token.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(ApiError::invalid(
             "token",
-            format!(
-                "must be 1 to {MAX_TOKEN_CHARS} characters without spaces or control characters"
-            ),
+            format!("must be 1 to {MAX_TOKEN_CHARS} characters without spaces or control characters"),
         ));
     }
     if herald_db::users::get_user(&state.pool, user_id.as_str())
@@ -292,11 +273,7 @@ pub async fn register_device(
         token,
     )
     .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(DeviceView::from(device))))
 }
 

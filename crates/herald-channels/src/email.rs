@@ -62,12 +62,11 @@ fn html_escape(s: &str) -> String {
 /// Builds the message. Subject and addresses are typed header values:
 /// lettre encodes them, so a CR/LF in a title cannot start a new header.
 pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendError> {
-    let to: Mailbox = email.to.as_str().parse().map_err(|e| {
-        SendError::new(
-            ErrorClass::Permanent,
-            format!("recipient address rejected: {e}"),
-        )
-    })?;
+    let to: Mailbox = email
+        .to
+        .as_str()
+        .parse()
+        .map_err(|e| SendError::new(ErrorClass::Permanent, format!("recipient address rejected: {e}")))?;
     // A subject is one line; lettre would encode a line break safely, but
     // a title never needs one.
     let subject = email.subject.replace(['\r', '\n'], " ");
@@ -82,16 +81,8 @@ pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendE
         .subject(subject)
         .message_id(Some(format!("<{}@herald>", email.delivery_id)))
         .header(XHeraldDeliveryId(email.delivery_id.to_owned()))
-        .multipart(MultiPart::alternative_plain_html(
-            email.text.to_owned(),
-            html,
-        ))
-        .map_err(|e| {
-            SendError::new(
-                ErrorClass::Permanent,
-                format!("message could not be built: {e}"),
-            )
-        })
+        .multipart(MultiPart::alternative_plain_html(email.text.to_owned(), html))
+        .map_err(|e| SendError::new(ErrorClass::Permanent, format!("message could not be built: {e}")))
 }
 
 /// Where emails go.
@@ -109,10 +100,7 @@ impl std::fmt::Debug for EmailTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File { dir } => f.debug_struct("File").field("dir", dir).finish(),
-            Self::Smtp { timeout, .. } => f
-                .debug_struct("Smtp")
-                .field("timeout", timeout)
-                .finish_non_exhaustive(),
+            Self::Smtp { timeout, .. } => f.debug_struct("Smtp").field("timeout", timeout).finish_non_exhaustive(),
         }
     }
 }
@@ -135,26 +123,17 @@ pub struct EmailSender {
 }
 
 impl EmailSender {
-    pub fn from_settings(
-        settings: &EmailSettings,
-        from: &str,
-        timeout: Duration,
-    ) -> Result<Self, EmailSetupError> {
-        let from: Mailbox = from
-            .parse()
-            .map_err(|_| EmailSetupError::From(from.to_owned()))?;
+    pub fn from_settings(settings: &EmailSettings, from: &str, timeout: Duration) -> Result<Self, EmailSetupError> {
+        let from: Mailbox = from.parse().map_err(|_| EmailSetupError::From(from.to_owned()))?;
         let transport = match settings {
             EmailSettings::File { dir } => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| EmailSetupError::Dir(dir.display().to_string(), e))?;
+                std::fs::create_dir_all(dir).map_err(|e| EmailSetupError::Dir(dir.display().to_string(), e))?;
                 EmailTransport::File { dir: dir.clone() }
             }
             EmailSettings::Smtp { url } => EmailTransport::Smtp {
                 // The URL may hold credentials: the error must not echo it.
                 transport: AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
-                    .map_err(|e| {
-                        EmailSetupError::SmtpUrl(e.to_string().replace(url.expose(), "***"))
-                    })?
+                    .map_err(|e| EmailSetupError::SmtpUrl(e.to_string().replace(url.expose(), "***")))?
                     .timeout(Some(timeout))
                     .build(),
                 timeout,
@@ -168,9 +147,7 @@ impl EmailSender {
     pub async fn send(&self, email: &Email<'_>) -> Result<(), SendError> {
         let message = build_message(&self.from, email)?;
         match &self.transport {
-            EmailTransport::File { dir } => {
-                write_eml(dir, email.delivery_id, &message.formatted()).await
-            }
+            EmailTransport::File { dir } => write_eml(dir, email.delivery_id, &message.formatted()).await,
             EmailTransport::Smtp { transport, timeout } => {
                 match tokio::time::timeout(*timeout, transport.send(message)).await {
                     Err(_) => Err(SendError::new(
@@ -201,20 +178,11 @@ fn classify_smtp(e: &lettre::transport::smtp::Error) -> SendError {
     }
 }
 
-async fn write_eml(
-    dir: &std::path::Path,
-    delivery_id: &str,
-    bytes: &[u8],
-) -> Result<(), SendError> {
+async fn write_eml(dir: &std::path::Path, delivery_id: &str, bytes: &[u8]) -> Result<(), SendError> {
     // Written aside and renamed, so a reader never sees half a message.
     let tmp = dir.join(format!(".{delivery_id}.eml.tmp"));
     let path = dir.join(format!("{delivery_id}.eml"));
-    let io = |e: std::io::Error| {
-        SendError::new(
-            ErrorClass::Transient,
-            format!("writing {}: {e}", path.display()),
-        )
-    };
+    let io = |e: std::io::Error| SendError::new(ErrorClass::Transient, format!("writing {}: {e}", path.display()));
     tokio::fs::write(&tmp, bytes).await.map_err(io)?;
     tokio::fs::rename(&tmp, &path).await.map_err(io)?;
     Ok(())

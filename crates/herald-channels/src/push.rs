@@ -92,16 +92,12 @@ impl PushSender {
                         token: t.token,
                         message,
                     };
-                    serde_json::to_writer(&mut buf, &line).map_err(|e| {
-                        SendError::new(ErrorClass::Permanent, format!("encoding push: {e}"))
-                    })?;
+                    serde_json::to_writer(&mut buf, &line)
+                        .map_err(|e| SendError::new(ErrorClass::Permanent, format!("encoding push: {e}")))?;
                     buf.push(b'\n');
                 }
                 let io = |e: std::io::Error| {
-                    SendError::new(
-                        ErrorClass::Transient,
-                        format!("writing {}: {e}", path.display()),
-                    )
+                    SendError::new(ErrorClass::Transient, format!("writing {}: {e}", path.display()))
                 };
                 // One write per delivery under a lock: lines of concurrent
                 // deliveries never interleave.

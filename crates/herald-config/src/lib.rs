@@ -155,7 +155,9 @@ impl Settings {
             }
         };
         let email_transport = match src.raw("HERALD_EMAIL_TRANSPORT").as_str() {
-            "file" => EmailTransport::File { dir: PathBuf::from(src.raw("HERALD_EMAIL_DIR")) },
+            "file" => EmailTransport::File {
+                dir: PathBuf::from(src.raw("HERALD_EMAIL_DIR")),
+            },
             "smtp" => EmailTransport::Smtp {
                 url: Secret::new(src.get("HERALD_SMTP_URL").ok_or_else(|| ConfigError {
                     variable: "HERALD_SMTP_URL",
@@ -173,18 +175,18 @@ impl Settings {
         if prod && matches!(email_transport, EmailTransport::File { .. }) {
             return Err(ConfigError {
                 variable: "HERALD_EMAIL_TRANSPORT",
-                message: "the `file` transport is for development; set HERALD_EMAIL_TRANSPORT=smtp in production".into(),
+                message: "the `file` transport is for development; set HERALD_EMAIL_TRANSPORT=smtp in production"
+                    .into(),
             });
         }
         if prod && matches!(push_transport, PushTransport::File { .. }) {
             return Err(ConfigError {
                 variable: "HERALD_PUSH_TRANSPORT",
-                message: "the `file` transport is for development, and this build has no production push transport yet".into(),
+                message: "the `file` transport is for development, and this build has no production push transport yet"
+                    .into(),
             });
         }
-        let url_with_scheme = |var: &'static str,
-                               schemes: &[&str]|
-         -> Result<Secret, ConfigError> {
+        let url_with_scheme = |var: &'static str, schemes: &[&str]| -> Result<Secret, ConfigError> {
             let v = src.raw(var);
             if schemes.iter().any(|s| v.starts_with(&format!("{s}://"))) {
                 Ok(Secret::new(v))
@@ -219,9 +221,7 @@ impl Settings {
             fetch_batch: src.parse_in("HERALD_FETCH_BATCH", 1..=1000)?,
             max_attempts: src.parse_in("HERALD_MAX_ATTEMPTS", 1..=100)?,
             send_timeout: Duration::from_secs(src.parse_in("HERALD_SEND_TIMEOUT_SECS", 1..=600)?),
-            sweep_interval: Duration::from_secs(
-                src.parse_in("HERALD_SWEEP_INTERVAL_SECS", 1..=3600)?,
-            ),
+            sweep_interval: Duration::from_secs(src.parse_in("HERALD_SWEEP_INTERVAL_SECS", 1..=3600)?),
             retry_min: Duration::from_millis(src.parse_in("HERALD_RETRY_MIN_MS", 1..=3_600_000)?),
             retry_max: Duration::from_secs(src.parse_in("HERALD_RETRY_MAX_SECS", 1..=604_800)?),
             email_transport,
@@ -270,11 +270,7 @@ impl Source<'_> {
         v.parse().map_err(|_| self.invalid(name, &v, expected))
     }
 
-    fn parse_in<T>(
-        &self,
-        name: &'static str,
-        range: std::ops::RangeInclusive<T>,
-    ) -> Result<T, ConfigError>
+    fn parse_in<T>(&self, name: &'static str, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
     where
         T: FromStr + PartialOrd + fmt::Display,
     {
@@ -292,10 +288,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -330,8 +323,7 @@ mod tests {
 
     #[test]
     fn secrets_do_not_appear_in_debug_output() {
-        let s = Settings::from_map(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/herald")]))
-            .unwrap();
+        let s = Settings::from_map(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/herald")])).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 

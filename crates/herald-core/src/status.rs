@@ -66,12 +66,7 @@ impl DeliveryStatus {
     pub const fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Sent
-                | Self::Delivered
-                | Self::Failed
-                | Self::Dead
-                | Self::Cancelled
-                | Self::Skipped
+            Self::Sent | Self::Delivered | Self::Failed | Self::Dead | Self::Cancelled | Self::Skipped
         )
     }
 

@@ -41,8 +41,7 @@ pub struct UserId(String);
 
 impl UserId {
     pub fn parse(s: &str) -> Result<Self, InvalidField> {
-        let ok_char =
-            |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@');
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@');
         if s.is_empty() {
             return Err(InvalidField::new("user_id", "must not be empty"));
         }
@@ -86,9 +85,7 @@ impl EmailAddress {
         if s.is_empty() || s.len() > MAX_EMAIL_CHARS {
             return Err(InvalidField::new(
                 field,
-                format!(
-                    "must be an address of 3 to {MAX_EMAIL_CHARS} characters, like ada@example.com"
-                ),
+                format!("must be an address of 3 to {MAX_EMAIL_CHARS} characters, like ada@example.com"),
             ));
         }
         if has_control(s) || s.contains(char::is_whitespace) {
@@ -98,25 +95,16 @@ impl EmailAddress {
             ));
         }
         let Some((local, domain)) = s.rsplit_once('@') else {
-            return Err(InvalidField::new(
-                field,
-                "must contain an @, like ada@example.com",
-            ));
+            return Err(InvalidField::new(field, "must contain an @, like ada@example.com"));
         };
-        let bad_local =
-            local.is_empty() || local.contains('@') || local.contains(['<', '>', '"', ',', ';']);
+        let bad_local = local.is_empty() || local.contains('@') || local.contains(['<', '>', '"', ',', ';']);
         let bad_domain = domain.is_empty()
             || domain.starts_with(['.', '-'])
             || domain.ends_with(['.', '-'])
             || !domain.contains('.')
-            || !domain
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+            || !domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-');
         if bad_local || bad_domain {
-            return Err(InvalidField::new(
-                field,
-                format!("`{s}` is not a valid email address"),
-            ));
+            return Err(InvalidField::new(field, format!("`{s}` is not a valid email address")));
         }
         Ok(Self(s.to_owned()))
     }
@@ -155,9 +143,8 @@ impl Category {
     pub fn parse(s: &str) -> Result<Self, InvalidField> {
         let ok = !s.is_empty()
             && s.len() <= MAX_CATEGORY_CHARS
-            && s.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')
-            });
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -184,12 +171,7 @@ impl Default for Category {
 
 /// Checks a free-text field: bounded, and no control characters other than
 /// newlines and tabs (in bodies).
-pub fn check_text(
-    field: &'static str,
-    s: &str,
-    max_chars: usize,
-    multiline: bool,
-) -> Result<(), InvalidField> {
+pub fn check_text(field: &'static str, s: &str, max_chars: usize, multiline: bool) -> Result<(), InvalidField> {
     if s.chars().count() > max_chars {
         return Err(InvalidField::new(
             field,
@@ -200,11 +182,7 @@ pub fn check_text(
         .chars()
         .any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t')));
     if bad {
-        let allowed = if multiline {
-            " other than newlines and tabs"
-        } else {
-            ""
-        };
+        let allowed = if multiline { " other than newlines and tabs" } else { "" };
         return Err(InvalidField::new(
             field,
             format!("must not contain control characters{allowed}"),

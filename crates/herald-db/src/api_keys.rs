@@ -71,12 +71,8 @@ impl<'a> PresentedKey<'a> {
         let rest = token.strip_prefix("hk_")?;
         let (prefix, secret) = rest.split_once('_')?;
         let alnum = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric());
-        (prefix.len() == 8
-            && secret.len() >= 32
-            && secret.len() <= 64
-            && alnum(prefix)
-            && alnum(secret))
-        .then_some(Self { prefix, secret })
+        (prefix.len() == 8 && secret.len() >= 32 && secret.len() <= 64 && alnum(prefix) && alnum(secret))
+            .then_some(Self { prefix, secret })
     }
 }
 
@@ -85,35 +81,21 @@ fn hash_secret(secret: &str) -> Vec<u8> {
 }
 
 fn random_alnum(n: usize) -> String {
-    rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(n)
-        .map(char::from)
-        .collect()
+    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
 }
 
 /// Rejects scopes outside [`SCOPES`], with a message naming the bad one.
 pub fn check_scopes(scopes: &[String]) -> std::result::Result<(), String> {
     match scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-        Some(bad) => Err(format!(
-            "unknown scope `{bad}`: expected some of {}",
-            SCOPES.join(", ")
-        )),
-        None if scopes.is_empty() => Err(format!(
-            "at least one scope is required: {}",
-            SCOPES.join(", ")
-        )),
+        Some(bad) => Err(format!("unknown scope `{bad}`: expected some of {}", SCOPES.join(", "))),
+        None if scopes.is_empty() => Err(format!("at least one scope is required: {}", SCOPES.join(", "))),
         None => Ok(()),
     }
 }
 
 /// Creates a key and returns it with its full token, which is shown once
 /// and never stored.
-pub async fn create_api_key(
-    pool: &PgPool,
-    name: &str,
-    scopes: &[String],
-) -> Result<(ApiKey, String)> {
+pub async fn create_api_key(pool: &PgPool, name: &str, scopes: &[String]) -> Result<(ApiKey, String)> {
     let prefix = random_alnum(8);
     let secret = random_alnum(32);
     let key = insert_api_key(pool, name, &prefix, &secret, scopes).await?;
@@ -122,14 +104,9 @@ pub async fn create_api_key(
 
 /// Inserts a key with a given token, or returns the existing one with the
 /// same prefix (used for the documented development key).
-pub async fn ensure_api_key(
-    pool: &PgPool,
-    name: &str,
-    token: &str,
-    scopes: &[String],
-) -> Result<ApiKey> {
-    let presented = PresentedKey::parse(token)
-        .ok_or_else(|| crate::DbError::InvalidUrl("malformed API key token".into()))?;
+pub async fn ensure_api_key(pool: &PgPool, name: &str, token: &str, scopes: &[String]) -> Result<ApiKey> {
+    let presented =
+        PresentedKey::parse(token).ok_or_else(|| crate::DbError::InvalidUrl("malformed API key token".into()))?;
     sqlx::query(
         "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (prefix) DO UPDATE SET secret_hash = EXCLUDED.secret_hash, scopes = EXCLUDED.scopes, revoked_at = NULL",
@@ -147,13 +124,7 @@ pub async fn ensure_api_key(
         .ok_or(crate::DbError::Other(sqlx::Error::RowNotFound))
 }
 
-async fn insert_api_key(
-    pool: &PgPool,
-    name: &str,
-    prefix: &str,
-    secret: &str,
-    scopes: &[String],
-) -> Result<ApiKey> {
+async fn insert_api_key(pool: &PgPool, name: &str, prefix: &str, secret: &str, scopes: &[String]) -> Result<ApiKey> {
     let row: ApiKeyRow = sqlx::query_as(
         "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes) VALUES ($1, $2, $3, $4, $5)
          RETURNING id, name, prefix, secret_hash, scopes, created_at, last_used_at, revoked_at",
@@ -207,12 +178,11 @@ pub async fn list_api_keys(pool: &PgPool) -> Result<Vec<ApiKey>> {
 
 /// Revokes a key by id or prefix; returns whether one was revoked.
 pub async fn revoke_api_key(pool: &PgPool, id_or_prefix: &str) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL",
-    )
-    .bind(id_or_prefix)
-    .execute(pool)
-    .await?;
+    let done =
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE (id = $1 OR prefix = $1) AND revoked_at IS NULL")
+            .bind(id_or_prefix)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() > 0)
 }
 
@@ -225,9 +195,7 @@ mod tests {
         let k = PresentedKey::parse("hk_abcdEFGH_0123456789abcdefghij0123456789AB").unwrap();
         assert_eq!(k.prefix, "abcdEFGH");
         assert!(PresentedKey::parse("hk_short_x").is_none());
-        assert!(
-            PresentedKey::parse("Bearer hk_abcdEFGH_0123456789abcdefghij0123456789AB").is_none()
-        );
+        assert!(PresentedKey::parse("Bearer hk_abcdEFGH_0123456789abcdefghij0123456789AB").is_none());
         assert!(PresentedKey::parse("hk_abcdEFGH_0123456789abcdefghij01234567!!").is_none());
     }
 

@@ -114,10 +114,7 @@ pub const MAX_ERROR_CHARS: usize = 1_000;
 /// attempt or the sweeper got there first; the attempt row is still
 /// completed, because what happened at the provider is history).
 pub async fn record_attempt(pool: &PgPool, r: &AttemptResult<'_>) -> Result<bool> {
-    let error: Option<String> = r
-        .error
-        .as_ref()
-        .map(|e| e.chars().take(MAX_ERROR_CHARS).collect());
+    let error: Option<String> = r.error.as_ref().map(|e| e.chars().take(MAX_ERROR_CHARS).collect());
     let error_class = match r.outcome {
         "permanent" | "transient" | "rate_limited" | "ambiguous" => Some(r.outcome),
         _ => None,
@@ -207,8 +204,7 @@ pub async fn list_attempts_for(
     .bind(delivery_ids)
     .fetch_all(pool)
     .await?;
-    let mut out: std::collections::HashMap<String, Vec<AttemptRow>> =
-        std::collections::HashMap::new();
+    let mut out: std::collections::HashMap<String, Vec<AttemptRow>> = std::collections::HashMap::new();
     for r in rows {
         out.entry(r.delivery_id).or_default().push(r.row);
     }

@@ -105,11 +105,10 @@ pub async fn create_database_if_missing(url: &str) -> Result<()> {
         .acquire_timeout(Duration::from_secs(5))
         .connect(admin_url.as_str())
         .await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&admin)
-            .await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&admin)
+        .await?;
     if !exists {
         // The name was checked above to be a plain identifier.
         match sqlx::query(&format!("CREATE DATABASE \"{name}\""))

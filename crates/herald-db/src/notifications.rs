@@ -56,10 +56,7 @@ pub async fn insert_notification(
 
     let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
     let channels: Vec<&str> = deliveries.iter().map(|d| d.channel).collect();
-    let reasons: Vec<Option<&str>> = deliveries
-        .iter()
-        .map(|d| d.skip_reason.as_deref())
-        .collect();
+    let reasons: Vec<Option<&str>> = deliveries.iter().map(|d| d.skip_reason.as_deref()).collect();
     let max_attempts: Vec<i32> = deliveries.iter().map(|d| d.max_attempts).collect();
     sqlx::query(
         "INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, skip_reason,
@@ -141,10 +138,7 @@ pub const DELIVERY_COLUMNS: &str = "id, notification_id, channel, status, attemp
      delivered_at, finished_at";
 
 /// A notification and its deliveries (in channel order), or `None`.
-pub async fn get_notification(
-    pool: &PgPool,
-    id: &str,
-) -> Result<Option<(NotificationRow, Vec<DeliveryRow>)>> {
+pub async fn get_notification(pool: &PgPool, id: &str) -> Result<Option<(NotificationRow, Vec<DeliveryRow>)>> {
     let Some(n): Option<NotificationRow> = sqlx::query_as(
         "SELECT id, user_id, category, priority, title, body, data, request_id, created_at
          FROM notifications WHERE id = $1",
@@ -173,4 +167,81 @@ pub async fn inbox_item_exists(pool: &PgPool, notification_id: &str) -> Result<b
             .fetch_one(pool)
             .await?,
     )
+}
+
+/// What an `Idempotency-Key` says about a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Idempotency {
+    /// First use of the key: go ahead, then [`store_idempotent_response`]
+    /// in the same transaction.
+    Fresh,
+    /// The same request was already accepted: answer this again.
+    Replay { status: u16, response: serde_json::Value },
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// Reserves an idempotency key in the caller's transaction. A concurrent
+/// request with the same key waits on the unique index until this
+/// transaction ends, then sees its stored response: two requests in flight
+/// can never both create a notification.
+pub async fn claim_idempotency_key(
+    tx: &mut Transaction<'_, Postgres>,
+    api_key_id: &str,
+    key: &str,
+    request_hash: &[u8],
+) -> Result<Idempotency> {
+    let inserted: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (api_key_id, key, request_hash, status_code, response)
+         VALUES ($1, $2, $3, 0, 'null'::JSONB) ON CONFLICT (api_key_id, key) DO NOTHING RETURNING true",
+    )
+    .bind(api_key_id)
+    .bind(key)
+    .bind(request_hash)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if inserted.is_some() {
+        return Ok(Idempotency::Fresh);
+    }
+    let (hash, status, response): (Vec<u8>, i32, serde_json::Value) = sqlx::query_as(
+        "SELECT request_hash, status_code, response FROM idempotency_keys WHERE api_key_id = $1 AND key = $2",
+    )
+    .bind(api_key_id)
+    .bind(key)
+    .fetch_one(&mut **tx)
+    .await?;
+    if hash != request_hash {
+        return Ok(Idempotency::Mismatch);
+    }
+    Ok(Idempotency::Replay {
+        status: u16::try_from(status).unwrap_or(200),
+        response,
+    })
+}
+
+/// Stores the response for a key reserved by [`claim_idempotency_key`].
+pub async fn store_idempotent_response(
+    tx: &mut Transaction<'_, Postgres>,
+    api_key_id: &str,
+    key: &str,
+    status: u16,
+    response: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query("UPDATE idempotency_keys SET status_code = $3, response = $4 WHERE api_key_id = $1 AND key = $2")
+        .bind(api_key_id)
+        .bind(key)
+        .bind(i32::from(status))
+        .bind(response)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Forgets idempotency keys older than `hours` (the sweeper calls this).
+pub async fn expire_idempotency_keys(pool: &PgPool, hours: i32) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)")
+        .bind(hours)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
 }

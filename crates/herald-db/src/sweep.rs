@@ -84,12 +84,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     )
     .bind(limit)
     .bind(grace_secs)
-    .bind(
-        expired
-            .iter()
-            .map(|(id, _)| id.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(expired.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;

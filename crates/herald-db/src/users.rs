@@ -62,12 +62,12 @@ pub async fn upsert_user(pool: &PgPool, u: &UserUpsert<'_>) -> Result<(User, boo
 }
 
 pub async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>> {
-    Ok(sqlx::query_as(
-        "SELECT id, email, locale, timezone, created_at, updated_at FROM users WHERE id = $1",
+    Ok(
+        sqlx::query_as("SELECT id, email, locale, timezone, created_at, updated_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
     )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?)
 }
 
 const DEVICE_COLUMNS: &str =
@@ -116,12 +116,10 @@ pub async fn register_device(
     .bind(token)
     .fetch_one(pool)
     .await?;
-    let device = sqlx::query_as(&format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
-    ))
-    .bind(&row.0)
-    .fetch_one(pool)
-    .await?;
+    let device = sqlx::query_as(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"))
+        .bind(&row.0)
+        .fetch_one(pool)
+        .await?;
     Ok((device, row.1))
 }
 

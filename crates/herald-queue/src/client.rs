@@ -97,10 +97,7 @@ impl QueueClient {
     /// Queues jobs to become ready at the given times (past times are due at
     /// once). Workers pick each up within milliseconds of its due time when
     /// they are idle, and within `idle_poll` at worst.
-    pub async fn enqueue_at(
-        &self,
-        jobs: &[(QueueName, DeliveryJob, SystemTime)],
-    ) -> Result<(), QueueError> {
+    pub async fn enqueue_at(&self, jobs: &[(QueueName, DeliveryJob, SystemTime)]) -> Result<(), QueueError> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -146,8 +143,8 @@ impl QueueClient {
         pipe.cmd("ZCARD").arg(&keys.dead);
         // The right end of ready is the next job out: the oldest.
         pipe.cmd("LINDEX").arg(&keys.ready).arg(-1);
-        let (ready, scheduled, in_flight, dead, oldest): (u64, u64, u64, u64, Option<String>) =
-            self.run("count queue", |mut c| {
+        let (ready, scheduled, in_flight, dead, oldest): (u64, u64, u64, u64, Option<String>) = self
+            .run("count queue", |mut c| {
                 let pipe = &pipe;
                 async move { pipe.query_async(&mut c).await }
             })
@@ -201,13 +198,7 @@ impl QueueClient {
                 });
             }
         };
-        let value = |i: usize| {
-            replies
-                .get(i)
-                .and_then(|r| r.get(1))
-                .cloned()
-                .unwrap_or_default()
-        };
+        let value = |i: usize| replies.get(i).and_then(|r| r.get(1)).cloned().unwrap_or_default();
         let (policy, aof, save) = (value(0), value(1), value(2));
         let mut warnings = Vec::new();
         if policy != "noeviction" {
@@ -242,10 +233,7 @@ impl QueueClient {
             let keys = queue.keys(prefix);
             pipe.cmd("DEL").arg(&keys.all()[..]).ignore();
         }
-        pipe.cmd("DEL")
-            .arg(workers_key(prefix))
-            .arg(epoch_key(prefix))
-            .ignore();
+        pipe.cmd("DEL").arg(workers_key(prefix)).arg(epoch_key(prefix)).ignore();
         self.run("delete queue keys", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }
@@ -323,17 +311,10 @@ impl QueueClient {
             wire.handbacks = 0;
             wire.ready_since_ms = now;
             pipe.cmd("ZREM").arg(&keys.dead).arg(m).ignore();
-            pipe.cmd("LPUSH")
-                .arg(&keys.ready)
-                .arg(wire.encode())
-                .ignore();
+            pipe.cmd("LPUSH").arg(&keys.ready).arg(wire.encode()).ignore();
             moved += 1;
         }
-        publish_wake(
-            &mut pipe,
-            &self.inner.cfg.prefix,
-            &BTreeSet::from([queue.channel]),
-        );
+        publish_wake(&mut pipe, &self.inner.cfg.prefix, &BTreeSet::from([queue.channel]));
         self.run("requeue dead jobs", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }

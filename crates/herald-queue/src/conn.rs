@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
-use redis::{
-    AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, RedisError, RedisResult,
-};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, RedisError, RedisResult};
 
 use crate::QueueError;
 use crate::config::redact_url;
@@ -24,10 +22,7 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) fn open_client(url: &str, resp3: bool) -> Result<Client, QueueError> {
     let mut info = url.into_connection_info().map_err(QueueError::InvalidUrl)?;
     if resp3 {
-        let redis = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
+        let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         info = info.set_redis_settings(redis);
     }
     Client::open(info).map_err(QueueError::InvalidUrl)
@@ -36,11 +31,7 @@ pub(crate) fn open_client(url: &str, resp3: bool) -> Result<Client, QueueError> 
 /// Names a fresh connection (`CLIENT SETNAME`), so an operator (or a test)
 /// can tell in `CLIENT LIST` whose it is.
 pub(crate) async fn set_name(conn: &mut MultiplexedConnection, name: &str) -> RedisResult<()> {
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(name)
-        .query_async(conn)
-        .await
+    redis::cmd("CLIENT").arg("SETNAME").arg(name).query_async(conn).await
 }
 
 pub(crate) fn connection_config() -> AsyncConnectionConfig {

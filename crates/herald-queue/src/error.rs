@@ -20,16 +20,10 @@ pub enum QueueError {
     },
 
     #[error("Redis did not answer within {timeout:?} while trying to {action}")]
-    Timeout {
-        action: &'static str,
-        timeout: Duration,
-    },
+    Timeout { action: &'static str, timeout: Duration },
 
     #[error("malformed queue job `{member}`: {reason}")]
-    MalformedJob {
-        member: String,
-        reason: &'static str,
-    },
+    MalformedJob { member: String, reason: &'static str },
 
     #[error("unknown queue name `{0}`: expected `<channel>:<priority>`, e.g. `email:high`")]
     UnknownQueue(String),

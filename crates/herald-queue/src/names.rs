@@ -34,10 +34,7 @@ impl QueueName {
     /// All nine queues, channel by channel, highest priority first.
     #[must_use]
     pub fn all() -> Vec<QueueName> {
-        Channel::ALL
-            .iter()
-            .flat_map(|c| QueueName::for_channel(*c))
-            .collect()
+        Channel::ALL.iter().flat_map(|c| QueueName::for_channel(*c)).collect()
     }
 
     /// The Redis keys of this queue under `prefix`.
@@ -141,9 +138,7 @@ mod tests {
             }
         }
         assert_eq!(
-            QueueName::new(Channel::Email, Priority::High)
-                .keys("herald")
-                .ready,
+            QueueName::new(Channel::Email, Priority::High).keys("herald").ready,
             "{herald:email:high}:ready"
         );
     }

@@ -74,10 +74,7 @@ mod tests {
         let b = WorkerId::generate("email worker");
         assert_ne!(a, b);
         assert!(a.as_str().starts_with("email_worker-"), "{a}");
-        assert!(
-            a.as_str().contains(&format!("-{}-", std::process::id())),
-            "{a}"
-        );
+        assert!(a.as_str().contains(&format!("-{}-", std::process::id())), "{a}");
         assert!(!a.as_str().contains(' '));
     }
 }

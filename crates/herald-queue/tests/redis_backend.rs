@@ -12,9 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use apalis::prelude::{BoxDynError, WorkerBuilder, WorkerBuilderExt, WorkerError};
 use herald_core::{Channel, DeliveryId, Priority};
-use herald_queue::{
-    DeliveryJob, Fetched, QueueClient, QueueConfig, QueueName, RedisBackend, WorkerId, names,
-};
+use herald_queue::{DeliveryJob, Fetched, QueueClient, QueueConfig, QueueName, RedisBackend, WorkerId, names};
 use rand::Rng;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -56,12 +54,7 @@ impl Drop for TestPrefix {
         };
         let mut keys: Vec<String> = QueueName::all()
             .iter()
-            .flat_map(|q| {
-                q.keys(&self.cfg.prefix)
-                    .all()
-                    .map(str::to_owned)
-                    .into_iter()
-            })
+            .flat_map(|q| q.keys(&self.cfg.prefix).all().map(str::to_owned).into_iter())
             .collect();
         keys.push(names::workers_key(&self.cfg.prefix));
         let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
@@ -90,12 +83,7 @@ struct TestWorker {
 }
 
 impl TestWorker {
-    fn start<H, Fut>(
-        cfg: &QueueConfig,
-        queues: Vec<QueueName>,
-        concurrency: usize,
-        handler: H,
-    ) -> Self
+    fn start<H, Fut>(cfg: &QueueConfig, queues: Vec<QueueName>, concurrency: usize, handler: H) -> Self
     where
         H: Fn(Fetched) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<(), BoxDynError>> + Send + 'static,
@@ -186,16 +174,9 @@ async fn a_backlog_of_50_000_due_jobs_drains_without_any_worker_stopping() {
     let started = Instant::now();
     client.enqueue(&on(queue, &new_jobs(READY))).await.unwrap();
     let past = SystemTime::now() - Duration::from_secs(1);
-    let delayed: Vec<_> = new_jobs(DELAYED_DUE)
-        .into_iter()
-        .map(|j| (queue, j, past))
-        .collect();
+    let delayed: Vec<_> = new_jobs(DELAYED_DUE).into_iter().map(|j| (queue, j, past)).collect();
     client.enqueue_at(&delayed).await.unwrap();
-    println!(
-        "enqueued {} jobs in {:?}",
-        READY + DELAYED_DUE,
-        started.elapsed()
-    );
+    println!("enqueued {} jobs in {:?}", READY + DELAYED_DUE, started.elapsed());
 
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -227,20 +208,13 @@ async fn a_backlog_of_50_000_due_jobs_drains_without_any_worker_stopping() {
     ];
     let total = READY + DELAYED_DUE;
     wait_until(Duration::from_secs(45), "every job handled", || {
-        assert!(
-            workers.iter().all(TestWorker::is_running),
-            "a worker stopped"
-        );
+        assert!(workers.iter().all(TestWorker::is_running), "a worker stopped");
         seen.lock().unwrap().len() == total
     })
     .await;
     let elapsed = started.elapsed();
-    let counts =
-        wait_for_counts(&client, queue, Duration::from_secs(5), "empty queue", empty).await;
-    assert!(
-        workers.iter().all(TestWorker::is_running),
-        "a worker stopped"
-    );
+    let counts = wait_for_counts(&client, queue, Duration::from_secs(5), "empty queue", empty).await;
+    assert!(workers.iter().all(TestWorker::is_running), "a worker stopped");
     println!(
         "drained {total} jobs with 2 workers in {elapsed:?}: {:.0} jobs/s; handler calls {} (duplicates {}); final counts {counts:?}",
         total as f64 / elapsed.as_secs_f64(),
@@ -271,16 +245,11 @@ async fn the_child_process_of_the_sigkill_test_holds_jobs_until_killed() {
         lease: SIGKILL_LEASE,
         ..QueueConfig::default()
     };
-    let _worker = TestWorker::start(
-        &cfg,
-        vec![email(Priority::High)],
-        8,
-        |_task: Fetched| async {
-            // Stuck for good: only the SIGKILL ends this.
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Ok::<(), BoxDynError>(())
-        },
-    );
+    let _worker = TestWorker::start(&cfg, vec![email(Priority::High)], 8, |_task: Fetched| async {
+        // Stuck for good: only the SIGKILL ends this.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<(), BoxDynError>(())
+    });
     tokio::time::sleep(Duration::from_secs(60)).await;
     panic!("the parent test should have killed this process");
 }
@@ -356,10 +325,7 @@ async fn a_worker_killed_with_sigkill_gets_its_jobs_back_after_the_lease() {
         let (_, handbacks) = back[&job.delivery_id];
         assert_eq!(handbacks, 1, "a lease expiry counts as a handback");
     }
-    assert!(
-        times[JOBS - 1] <= SIGKILL_LEASE + Duration::from_secs(2),
-        "{times:?}"
-    );
+    assert!(times[JOBS - 1] <= SIGKILL_LEASE + Duration::from_secs(2), "{times:?}");
     wait_for_counts(&client, queue, Duration::from_secs(5), "empty queue", empty).await;
     worker.stop().await;
 }
@@ -384,9 +350,7 @@ async fn client_kill_of_the_workers_connections_does_not_stop_it() {
             let seen = seen.clone();
             async move {
                 tokio::time::sleep(Duration::from_micros(200)).await;
-                seen.lock()
-                    .unwrap()
-                    .insert(task.job.delivery_id, Instant::now());
+                seen.lock().unwrap().insert(task.job.delivery_id, Instant::now());
                 Ok::<(), BoxDynError>(())
             }
         }
@@ -398,20 +362,12 @@ async fn client_kill_of_the_workers_connections_does_not_stop_it() {
 
     let raw = redis::Client::open(REDIS_URL).unwrap();
     let mut conn = raw.get_multiplexed_async_connection().await.unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut conn).await.unwrap();
     let marker = format!("name=herald-worker:{}", worker.id);
     let ids: Vec<String> = list
         .lines()
         .filter(|l| l.split(' ').any(|f| f == marker))
-        .filter_map(|l| {
-            l.split(' ')
-                .find_map(|f| f.strip_prefix("id="))
-                .map(str::to_owned)
-        })
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_owned))
         .collect();
     let pubsub = list
         .lines()
@@ -436,14 +392,10 @@ async fn client_kill_of_the_workers_connections_does_not_stop_it() {
         "the worker's connections are named: {list}"
     );
 
-    wait_until(
-        Duration::from_secs(30),
-        "every job handled after the kill",
-        || {
-            assert!(worker.is_running(), "the worker stopped");
-            seen.lock().unwrap().len() == JOBS
-        },
-    )
+    wait_until(Duration::from_secs(30), "every job handled after the kill", || {
+        assert!(worker.is_running(), "the worker stopped");
+        seen.lock().unwrap().len() == JOBS
+    })
     .await;
     wait_for_counts(&client, queue, Duration::from_secs(5), "empty queue", empty).await;
 
@@ -509,13 +461,9 @@ async fn a_panicking_handler_does_not_stop_the_worker() {
             }
         }
     });
-    let counts = wait_for_counts(
-        &client,
-        queue,
-        Duration::from_secs(20),
-        "panicking jobs dead",
-        |c| c.dead == doomed.len() as u64 && empty(c),
-    )
+    let counts = wait_for_counts(&client, queue, Duration::from_secs(20), "panicking jobs dead", |c| {
+        c.dead == doomed.len() as u64 && empty(c)
+    })
     .await;
     assert!(worker.is_running(), "the worker stopped");
     let calls = calls.lock().unwrap().clone();
@@ -552,10 +500,7 @@ async fn an_idle_worker_picks_up_a_push_within_milliseconds() {
         move |task: Fetched| {
             let started = started.clone();
             async move {
-                started
-                    .lock()
-                    .unwrap()
-                    .insert(task.job.delivery_id, Instant::now());
+                started.lock().unwrap().insert(task.job.delivery_id, Instant::now());
                 Ok::<(), BoxDynError>(())
             }
         }
@@ -589,24 +534,16 @@ async fn delayed_jobs_are_handed_out_when_due_and_not_before() {
     let client = prefix.client();
     let queue = email(Priority::Normal);
     let handled = Arc::new(Mutex::new(HashMap::<DeliveryId, SystemTime>::new()));
-    let worker = TestWorker::start(
-        &prefix.cfg,
-        QueueName::for_channel(Channel::Email).to_vec(),
-        4,
-        {
+    let worker = TestWorker::start(&prefix.cfg, QueueName::for_channel(Channel::Email).to_vec(), 4, {
+        let handled = handled.clone();
+        move |task: Fetched| {
             let handled = handled.clone();
-            move |task: Fetched| {
-                let handled = handled.clone();
-                async move {
-                    handled
-                        .lock()
-                        .unwrap()
-                        .insert(task.job.delivery_id, SystemTime::now());
-                    Ok::<(), BoxDynError>(())
-                }
+            async move {
+                handled.lock().unwrap().insert(task.job.delivery_id, SystemTime::now());
+                Ok::<(), BoxDynError>(())
             }
-        },
-    );
+        }
+    });
     let now = SystemTime::now();
     let mut due = HashMap::new();
     let mut scheduled = Vec::new();
@@ -669,10 +606,7 @@ async fn higher_priorities_go_first_but_low_priority_is_never_starved() {
     };
     let client = prefix.client();
     for p in [Priority::Low, Priority::Normal, Priority::High] {
-        client
-            .enqueue(&on(email(p), &new_jobs(EACH)))
-            .await
-            .unwrap();
+        client.enqueue(&on(email(p), &new_jobs(EACH))).await.unwrap();
     }
     let order = Arc::new(Mutex::new(Vec::new()));
     let worker = TestWorker::start(&cfg, QueueName::for_channel(Channel::Email).to_vec(), 1, {
@@ -692,11 +626,7 @@ async fn higher_priorities_go_first_but_low_priority_is_never_starved() {
     let order = order.lock().unwrap().clone();
     let first: Vec<Priority> = order[..100].to_vec();
     let count = |p| first.iter().filter(|&&x| x == p).count();
-    let (high, normal, low) = (
-        count(Priority::High),
-        count(Priority::Normal),
-        count(Priority::Low),
-    );
+    let (high, normal, low) = (count(Priority::High), count(Priority::Normal), count(Priority::Low));
     let last = |p| order.iter().rposition(|&x| x == p).unwrap();
     println!(
         "first 100 handled: high {high}, normal {normal}, low {low}; last high at #{}, last normal at #{}, last low at #{}",
@@ -778,14 +708,8 @@ async fn a_gracefully_stopped_worker_hands_back_buffered_jobs_and_a_new_one_star
         move |task: Fetched| {
             let (done, first_pickup) = (done.clone(), first_pickup.clone());
             async move {
-                first_pickup
-                    .lock()
-                    .unwrap()
-                    .get_or_insert(restart.elapsed());
-                assert_eq!(
-                    task.handbacks, 0,
-                    "an unstarted job is not counted as handed back"
-                );
+                first_pickup.lock().unwrap().get_or_insert(restart.elapsed());
+                assert_eq!(task.handbacks, 0, "an unstarted job is not counted as handed back");
                 done.lock().unwrap().push(task.job.delivery_id);
                 Ok::<(), BoxDynError>(())
             }
@@ -823,10 +747,7 @@ async fn counts_report_ready_scheduled_in_flight_dead_and_oldest_age() {
     tokio::time::sleep(Duration::from_millis(120)).await;
     client.enqueue(&on(idle_queue, &new_jobs(2))).await.unwrap();
     let later = SystemTime::now() + Duration::from_secs(60);
-    let delayed: Vec<_> = new_jobs(3)
-        .into_iter()
-        .map(|j| (idle_queue, j, later))
-        .collect();
+    let delayed: Vec<_> = new_jobs(3).into_iter().map(|j| (idle_queue, j, later)).collect();
     client.enqueue_at(&delayed).await.unwrap();
     let c = client.counts(idle_queue).await.unwrap();
     println!("unserved queue: {c:?}");
@@ -864,24 +785,16 @@ async fn counts_report_ready_scheduled_in_flight_dead_and_oldest_age() {
             }
         }
     });
-    let c = wait_for_counts(
-        &client,
-        queue,
-        Duration::from_secs(5),
-        "3 in flight, 2 dead",
-        |c| c.in_flight == 3 && c.dead == 2,
-    )
+    let c = wait_for_counts(&client, queue, Duration::from_secs(5), "3 in flight, 2 dead", |c| {
+        c.in_flight == 3 && c.dead == 2
+    })
     .await;
     println!("served queue with 3 running handlers and 2 malformed members: {c:?}");
     assert_eq!((c.ready, c.scheduled, c.oldest_ready_age_ms), (0, 0, None));
     release.add_permits(3);
-    let c = wait_for_counts(
-        &client,
-        queue,
-        Duration::from_secs(5),
-        "nothing in flight",
-        |c| c.in_flight == 0,
-    )
+    let c = wait_for_counts(&client, queue, Duration::from_secs(5), "nothing in flight", |c| {
+        c.in_flight == 0
+    })
     .await;
     assert_eq!(c.dead, 2);
     assert!(worker.is_running());
@@ -898,11 +811,7 @@ async fn a_failing_job_is_retried_then_dead_lettered_after_max_handbacks() {
     let client = prefix.client();
     let queue = email(Priority::Normal);
     let jobs = new_jobs(3);
-    let (always_fails, fails_once, succeeds) = (
-        jobs[0].delivery_id,
-        jobs[1].delivery_id,
-        jobs[2].delivery_id,
-    );
+    let (always_fails, fails_once, succeeds) = (jobs[0].delivery_id, jobs[1].delivery_id, jobs[2].delivery_id);
     client.enqueue(&on(queue, &jobs)).await.unwrap();
 
     let calls = Arc::new(Mutex::new(HashMap::<DeliveryId, Vec<(u32, Instant)>>::new()));
@@ -919,8 +828,8 @@ async fn a_failing_job_is_retried_then_dead_lettered_after_max_handbacks() {
                     .entry(id)
                     .or_default()
                     .push((task.handbacks, Instant::now()));
-                let fail = (id == always_fails && !cured.load(Ordering::SeqCst))
-                    || (id == fails_once && task.handbacks == 0);
+                let fail =
+                    (id == always_fails && !cured.load(Ordering::SeqCst)) || (id == fails_once && task.handbacks == 0);
                 if fail {
                     return Err::<(), BoxDynError>(format!("deliberate failure of {id}").into());
                 }
@@ -928,31 +837,19 @@ async fn a_failing_job_is_retried_then_dead_lettered_after_max_handbacks() {
             }
         }
     });
-    let c = wait_for_counts(
-        &client,
-        queue,
-        Duration::from_secs(15),
-        "the failing job dead",
-        |c| c.dead == 1 && empty(c),
-    )
+    let c = wait_for_counts(&client, queue, Duration::from_secs(15), "the failing job dead", |c| {
+        c.dead == 1 && empty(c)
+    })
     .await;
     let calls_now = calls.lock().unwrap().clone();
     let attempts = &calls_now[&always_fails];
     let handbacks: Vec<u32> = attempts.iter().map(|(h, _)| *h).collect();
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
-    println!(
-        "always-failing job: handbacks seen {handbacks:?}, gaps between runs {gaps:?}; then dead; counts {c:?}"
-    );
+    println!("always-failing job: handbacks seen {handbacks:?}, gaps between runs {gaps:?}; then dead; counts {c:?}");
     assert_eq!(handbacks, vec![0, 1, 2, 3]);
-    assert!(
-        gaps.windows(2).all(|w| w[1] > w[0]),
-        "delays grow: {gaps:?}"
-    );
+    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "delays grow: {gaps:?}");
     assert_eq!(
-        calls_now[&fails_once]
-            .iter()
-            .map(|(h, _)| *h)
-            .collect::<Vec<_>>(),
+        calls_now[&fails_once].iter().map(|(h, _)| *h).collect::<Vec<_>>(),
         vec![0, 1]
     );
     assert_eq!(calls_now[&succeeds].len(), 1);
@@ -989,10 +886,7 @@ async fn a_client_for_an_unreachable_redis_is_created_at_once_and_reports_errors
         .enqueue(&on(email(Priority::High), &new_jobs(1)))
         .await
         .unwrap_err();
-    println!(
-        "enqueue with Redis down failed after {:?}: {err}",
-        started.elapsed()
-    );
+    println!("enqueue with Redis down failed after {:?}: {err}", started.elapsed());
     assert!(err.to_string().contains("enqueue"), "{err}");
     assert!(client.ping().await.is_err());
     assert!(
@@ -1010,10 +904,7 @@ async fn durability_warnings_flag_a_redis_without_persistence() {
     let warnings = prefix.client().durability_warnings().await.unwrap();
     println!("durability warnings for the test Redis: {warnings:#?}");
     // The CI Redis runs with --save "" --appendonly no.
-    assert!(
-        warnings.iter().any(|w| w.contains("no persistence")),
-        "{warnings:?}"
-    );
+    assert!(warnings.iter().any(|w| w.contains("no persistence")), "{warnings:?}");
 }
 
 /// A private `redis-server` on its own port, so this test can stop and
@@ -1044,10 +935,7 @@ impl PrivateRedis {
             .expect("redis-server is installed");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1109,10 +997,7 @@ async fn a_worker_started_before_redis_survives_a_redis_restart() {
 
     redis.kill();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(
-        client.enqueue(&on(queue, &new_jobs(1))).await.is_err(),
-        "Redis is down"
-    );
+    assert!(client.enqueue(&on(queue, &new_jobs(1))).await.is_err(), "Redis is down");
     assert!(worker.is_running());
     redis.start().await;
     let restarted = Instant::now();

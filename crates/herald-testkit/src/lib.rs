@@ -23,8 +23,7 @@ use tokio_util::sync::CancellationToken;
 /// The Postgres server tests create their databases on.
 #[must_use]
 pub fn server_url() -> String {
-    std::env::var("HERALD_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    std::env::var("HERALD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
 #[must_use]
@@ -34,9 +33,7 @@ pub fn redis_url() -> String {
 
 fn random_suffix() -> String {
     let mut rng = rand::rng();
-    (0..10)
-        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-        .collect()
+    (0..10).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect()
 }
 
 /// A Redis key prefix no other test uses.
@@ -73,20 +70,17 @@ async fn ensure_template(admin: &PgPool) -> String {
         .execute(&mut *conn)
         .await
         .expect("lock");
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut *conn)
-            .await
-            .expect("query pg_database");
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("query pg_database");
     if !exists {
         let building = format!("{name}_building");
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"
-        ))
-        .execute(&mut *conn)
-        .await
-        .expect("drop");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"))
+            .execute(&mut *conn)
+            .await
+            .expect("drop");
         sqlx::query(&format!("CREATE DATABASE \"{building}\""))
             .execute(&mut *conn)
             .await
@@ -98,20 +92,17 @@ async fn ensure_template(admin: &PgPool) -> String {
             .expect("connect to template");
         herald_db::migrate(&pool).await.expect("migrate template");
         pool.close().await;
-        sqlx::query(&format!(
-            "ALTER DATABASE \"{building}\" RENAME TO \"{name}\""
-        ))
-        .execute(&mut *conn)
-        .await
-        .expect("rename template");
+        sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
+            .execute(&mut *conn)
+            .await
+            .expect("rename template");
         // Old templates and databases left by crashed test runs.
-        let stale: Vec<String> = sqlx::query_scalar(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'herald_tpl_%' AND datname <> $1",
-        )
-        .bind(&name)
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap_or_default();
+        let stale: Vec<String> =
+            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_tpl_%' AND datname <> $1")
+                .bind(&name)
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap_or_default();
         for db in stale {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                 .execute(&mut *conn)
@@ -142,12 +133,10 @@ impl TestDb {
             .map(|d| d.as_secs())
             .unwrap_or_default();
         let name = format!("herald_test_{secs}_{}", random_suffix());
-        sqlx::query(&format!(
-            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
-        ))
-        .execute(&admin)
-        .await
-        .expect("create test database");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))
+            .execute(&admin)
+            .await
+            .expect("create test database");
         admin.close().await;
         let url = format!("{}/{name}", server_url());
         let pool = PgPoolOptions::new()
@@ -163,12 +152,9 @@ impl TestDb {
     pub async fn drop_db(self) {
         self.pool.close().await;
         let admin = admin_pool().await;
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&admin)
-        .await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+            .execute(&admin)
+            .await;
         admin.close().await;
     }
 }
@@ -178,11 +164,10 @@ async fn drop_stale_test_databases(admin: &PgPool) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%'")
-            .fetch_all(admin)
-            .await
-            .unwrap_or_default();
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%'")
+        .fetch_all(admin)
+        .await
+        .unwrap_or_default();
     for name in names {
         let created: Option<u64> = name.split('_').nth(2).and_then(|s| s.parse().ok());
         if created.is_some_and(|t| t + 3600 < now) {
@@ -202,14 +187,8 @@ pub fn test_env(db_url: &str, prefix: &str, sink_dir: &std::path::Path) -> HashM
         ("REDIS_URL", redis_url()),
         ("HERALD_QUEUE_PREFIX", prefix.to_owned()),
         ("HERALD_BIND", "127.0.0.1:0".to_owned()),
-        (
-            "HERALD_EMAIL_DIR",
-            sink_dir.join("mail").display().to_string(),
-        ),
-        (
-            "HERALD_PUSH_FILE",
-            sink_dir.join("push.jsonl").display().to_string(),
-        ),
+        ("HERALD_EMAIL_DIR", sink_dir.join("mail").display().to_string()),
+        ("HERALD_PUSH_FILE", sink_dir.join("push.jsonl").display().to_string()),
         ("HERALD_RETRY_MIN_MS", "100".to_owned()),
         ("HERALD_RETRY_MAX_SECS", "2".to_owned()),
         ("HERALD_LEASE_SECS", "5".to_owned()),
@@ -251,10 +230,7 @@ impl TestApp {
         Self::spawn_with(Parts { workers: true }, |_| {}).await
     }
 
-    pub async fn spawn_with(
-        parts: Parts,
-        tweak: impl FnOnce(&mut HashMap<String, String>),
-    ) -> Self {
+    pub async fn spawn_with(parts: Parts, tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         herald_telemetry::init(herald_config::LogFormat::Pretty);
         let db = TestDb::new().await;
         let prefix = unique_prefix();
@@ -263,40 +239,25 @@ impl TestApp {
         tweak(&mut env);
         let settings = Settings::from_map(&env).expect("test settings are valid");
         let state = herald_api::AppState::new(settings.clone()).expect("app state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let api_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                herald_api::serve(
-                    state,
-                    listener,
-                    async move { api_shutdown.cancelled().await },
-                )
-                .await
-            {
+            if let Err(e) = herald_api::serve(state, listener, async move { api_shutdown.cancelled().await }).await {
                 tracing::error!(error = %e, "test API ended");
             }
         }));
         if parts.workers {
             let (s, t) = (settings.clone(), shutdown.clone());
             tasks.push(tokio::spawn(async move {
-                if let Err(e) =
-                    herald_workers::run(s, &[Channel::Email, Channel::Push, Channel::InApp], t)
-                        .await
-                {
+                if let Err(e) = herald_workers::run(s, &[Channel::Email, Channel::Push, Channel::InApp], t).await {
                     tracing::error!(error = %format!("{e:#}"), "test workers ended");
                 }
             }));
         }
-        let scopes: Vec<String> = ["send", "read", "admin"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        let scopes: Vec<String> = ["send", "read", "admin"].iter().map(|s| (*s).to_owned()).collect();
         let (_, api_key) = herald_db::api_keys::create_api_key(&db.pool, "test", &scopes)
             .await
             .expect("create api key");
@@ -327,9 +288,7 @@ impl TestApp {
 
     /// A request with the all-scopes key.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(&self.api_key)
+        self.http.request(method, self.url(path)).bearer_auth(&self.api_key)
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -353,18 +312,17 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let res = self
-            .request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .expect("GET");
+        let res = self.request(reqwest::Method::GET, path).send().await.expect("GET");
         status_and_json(res).await
     }
 
     /// Creates a user with an email address and one device of each platform.
     pub async fn create_reachable_user(&self, user_id: &str) -> Value {
         let (s, _) = self
-            .put_json(&format!("/v1/users/{user_id}"), &serde_json::json!({"email": format!("{user_id}@example.com"), "locale": "en", "timezone": "UTC"}))
+            .put_json(
+                &format!("/v1/users/{user_id}"),
+                &serde_json::json!({"email": format!("{user_id}@example.com"), "locale": "en", "timezone": "UTC"}),
+            )
             .await;
         assert!(s == 201 || s == 200, "PUT user answered {s}");
         let token = format!("tok-{user_id}-{}", random_suffix());
@@ -380,11 +338,7 @@ impl TestApp {
 
     /// Polls a notification until every delivery is final, returning the
     /// last status document and every status seen per delivery, in order.
-    pub async fn wait_final(
-        &self,
-        ntf_id: &str,
-        timeout: Duration,
-    ) -> (Value, HashMap<String, Vec<String>>) {
+    pub async fn wait_final(&self, ntf_id: &str, timeout: Duration) -> (Value, HashMap<String, Vec<String>>) {
         let deadline = Instant::now() + timeout;
         let mut seen: HashMap<String, Vec<String>> = HashMap::new();
         loop {
@@ -447,9 +401,7 @@ impl TestApp {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
         }
-        if let Ok(q) =
-            herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&self.settings))
-        {
+        if let Ok(q) = herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&self.settings)) {
             let _ = q.delete_all_keys().await;
         }
         self.db.drop_db().await;

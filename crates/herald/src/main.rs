@@ -32,10 +32,7 @@ async fn main() -> anyhow::Result<()> {
     herald_db::migrate_with_retry(&state.pool, Duration::from_secs(30))
         .await
         .context("applying migrations")?;
-    let scopes: Vec<String> = herald_db::api_keys::SCOPES
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let scopes: Vec<String> = herald_db::api_keys::SCOPES.iter().map(|s| (*s).to_owned()).collect();
     herald_db::api_keys::ensure_api_key(&state.pool, "development", DEV_API_KEY, &scopes)
         .await
         .context("creating the development API key")?;

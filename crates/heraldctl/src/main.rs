@@ -86,12 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::json!({"id": key.id, "name": key.name, "scopes": key.scopes, "token": token})
                 );
             } else {
-                println!(
-                    "created {} ({}) with scopes {}",
-                    key.id,
-                    key.name,
-                    key.scopes.join(",")
-                );
+                println!("created {} ({}) with scopes {}", key.id, key.name, key.scopes.join(","));
                 println!("token (shown once): {token}");
             }
         }
@@ -100,21 +95,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 let rows: Vec<_> = keys
                     .iter()
-                    .map(|k| serde_json::json!({"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes,
-                        "created_at": k.created_at, "last_used_at": k.last_used_at, "revoked_at": k.revoked_at}))
+                    .map(|k| {
+                        serde_json::json!({"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes,
+                        "created_at": k.created_at, "last_used_at": k.last_used_at, "revoked_at": k.revoked_at})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!(
-                    "{:<30} {:<10} {:<20} {:<16} STATUS",
-                    "ID", "PREFIX", "NAME", "SCOPES"
-                );
+                println!("{:<30} {:<10} {:<20} {:<16} STATUS", "ID", "PREFIX", "NAME", "SCOPES");
                 for k in keys {
-                    let status = if k.revoked_at.is_some() {
-                        "revoked"
-                    } else {
-                        "active"
-                    };
+                    let status = if k.revoked_at.is_some() { "revoked" } else { "active" };
                     println!(
                         "{:<30} {:<10} {:<20} {:<16} {status}",
                         k.id,

@@ -115,8 +115,7 @@ impl Engine {
                     self.outage.recovered(self.worker_id.as_str());
                 }
                 Err(e) => {
-                    self.outage
-                        .failed(self.worker_id.as_str(), &self.cfg.redis_url, &e);
+                    self.outage.failed(self.worker_id.as_str(), &self.cfg.redis_url, &e);
                     self.conn.reset().await;
                     let delay = self.backoff.next_delay();
                     self.sleep_unless_closing(delay).await;
@@ -134,21 +133,12 @@ impl Engine {
             self.heartbeat().await?;
             self.next_heartbeat = Instant::now() + self.cfg.lease / 3;
         }
-        if self
-            .shared
-            .wake
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.shared.wake.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.idle_until = None;
         }
         let (buffered, acks, first_ack_at, moves) = {
             let st = self.shared.lock();
-            (
-                st.buffer.len(),
-                st.acks.len(),
-                st.first_ack_at,
-                st.moves.len(),
-            )
+            (st.buffer.len(), st.acks.len(), st.first_ack_at, st.moves.len())
         };
         let idle = self.idle_until.is_some_and(|t| now < t);
         let low = buffered <= self.shared.low_water();
@@ -187,12 +177,7 @@ impl Engine {
         let mut conn = self.conn.get().await?;
         let primary = self.schedule[self.round % self.schedule.len()];
         self.round = self.round.wrapping_add(1);
-        let order = std::iter::once(primary).chain(
-            self.by_priority
-                .iter()
-                .copied()
-                .filter(move |&s| s != primary),
-        );
+        let order = std::iter::once(primary).chain(self.by_priority.iter().copied().filter(move |&s| s != primary));
         let lease = ms(self.cfg.lease);
         let mut fetched = Vec::new();
         let mut buried = Vec::new();
@@ -308,10 +293,7 @@ impl Engine {
         match result {
             Ok(()) => {
                 let mut rescheduled = false;
-                for key in acks
-                    .into_iter()
-                    .chain(moves.iter().map(|m| (m.slot, m.old.clone())))
-                {
+                for key in acks.into_iter().chain(moves.iter().map(|m| (m.slot, m.old.clone()))) {
                     if let Some(count) = st.held.get_mut(&key) {
                         *count -= 1;
                         if *count == 0 {
@@ -342,11 +324,7 @@ impl Engine {
         }
     }
 
-    async fn write_settlements(
-        &self,
-        acks: &[(usize, Arc<str>)],
-        moves: &[Move],
-    ) -> RedisResult<()> {
+    async fn write_settlements(&self, acks: &[(usize, Arc<str>)], moves: &[Move]) -> RedisResult<()> {
         let mut conn = self.conn.get().await?;
         if !acks.is_empty() {
             let mut by_slot: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
@@ -398,10 +376,7 @@ impl Engine {
         let mut pipe = redis::pipe();
         for (slot, members) in &by_slot {
             for chunk in members.chunks(MEMBERS_PER_COMMAND) {
-                let cmd = pipe
-                    .cmd("ZADD")
-                    .arg(&self.slots[*slot].keys.inflight)
-                    .arg("XX");
+                let cmd = pipe.cmd("ZADD").arg(&self.slots[*slot].keys.inflight).arg("XX");
                 for m in chunk {
                     cmd.arg(deadline).arg(&**m);
                 }
@@ -426,14 +401,10 @@ impl Engine {
     /// Removes workers that stopped heartbeating long ago (killed ones never
     /// deregister). The hash is informational, so this is only hygiene.
     async fn prune_workers(&mut self, now: u64) -> RedisResult<()> {
-        let stale_before =
-            now.saturating_sub(ms(self.cfg.lease * 10).max(ms(Duration::from_secs(600))));
+        let stale_before = now.saturating_sub(ms(self.cfg.lease * 10).max(ms(Duration::from_secs(600))));
         let workers = workers_key(&self.cfg.prefix);
         let mut conn = self.conn.get().await?;
-        let all: Vec<(String, u64)> = redis::cmd("HGETALL")
-            .arg(&workers)
-            .query_async(&mut conn)
-            .await?;
+        let all: Vec<(String, u64)> = redis::cmd("HGETALL").arg(&workers).query_async(&mut conn).await?;
         let stale: Vec<&str> = all
             .iter()
             .filter(|(_, seen)| *seen < stale_before)
@@ -485,8 +456,7 @@ impl Engine {
                     break;
                 }
                 Err(e) => {
-                    self.outage
-                        .failed(self.worker_id.as_str(), &self.cfg.redis_url, &e);
+                    self.outage.failed(self.worker_id.as_str(), &self.cfg.redis_url, &e);
                     self.conn.reset().await;
                     tokio::time::sleep(self.backoff.next_delay()).await;
                 }
@@ -578,9 +548,7 @@ async fn listen(
         let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
         let subscribe = async {
             let config = connection_config().set_push_sender(tx);
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
             set_name(&mut conn, &name).await?;
             conn.subscribe(&channels).await?;
             RedisResult::Ok(conn)

@@ -74,11 +74,7 @@ impl RedisBackend {
     /// priorities are served first but lower ones are never starved. Does
     /// not connect: the engine starts on the first poll and keeps trying
     /// until Redis answers.
-    pub fn new(
-        cfg: QueueConfig,
-        queues: Vec<QueueName>,
-        worker_id: WorkerId,
-    ) -> Result<Self, QueueError> {
+    pub fn new(cfg: QueueConfig, queues: Vec<QueueName>, worker_id: WorkerId) -> Result<Self, QueueError> {
         cfg.validate()?;
         if queues.is_empty() {
             return Err(QueueError::InvalidConfig(
@@ -150,19 +146,11 @@ impl Backend for RedisBackend {
     type Task = Task<Fetched>;
     type Error = QueueError;
 
-    fn poll_ready(
-        &mut self,
-        _: &mut Context<'_>,
-        _: &WorkerContext,
-    ) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-        _: &WorkerContext,
-    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<Option<Result<Self::Task, Self::Error>>> {
         if let Err(e) = self.ensure_engine() {
             // Only without a Tokio runtime: a programming error, not an outage.
             return Poll::Ready(Some(Err(e)));
@@ -191,11 +179,7 @@ impl Backend for RedisBackend {
     /// Called by apalis once every started task has finished: hands back what
     /// is buffered, flushes acks, deregisters; completes when that is done
     /// (or, with Redis down, after a few seconds: leases then return the jobs).
-    fn poll_close(
-        &mut self,
-        cx: &mut Context<'_>,
-        _: &WorkerContext,
-    ) -> Poll<Result<(), Self::Error>> {
+    fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
         let Some(engine) = self.engine.as_ref() else {
             return Poll::Ready(Ok(()));
         };

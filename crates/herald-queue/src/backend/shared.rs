@@ -184,9 +184,7 @@ impl Move {
 /// failures does not come back as a burst.
 fn handback_delay(handbacks: u32) -> Duration {
     let exp = handbacks.saturating_sub(1).min(16);
-    let base = HANDBACK_BASE_DELAY
-        .saturating_mul(1 << exp)
-        .min(HANDBACK_MAX_DELAY);
+    let base = HANDBACK_BASE_DELAY.saturating_mul(1 << exp).min(HANDBACK_MAX_DELAY);
     base.mul_f64(rand::rng().random_range(0.8..1.2))
 }
 

@@ -1,0 +1,109 @@
+//! Claims and results are fenced on the attempt number, in SQL: a
+//! duplicate job or a stale worker can neither send twice nor move a
+//! status backwards.
+
+use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, record_attempt};
+use herald_testkit::TestDb;
+
+async fn one_queued_delivery(db: &TestDb) -> String {
+    let mut tx = db.pool.begin().await.unwrap();
+    let ntf = herald_core::NotificationId::generate().to_string();
+    let dlv = herald_core::DeliveryId::generate().to_string();
+    herald_db::notifications::insert_notification(
+        &mut tx,
+        &herald_db::notifications::NewNotification {
+            id: ntf,
+            api_key_id: None,
+            user_id: "u_1".into(),
+            category: "general".into(),
+            priority: "normal",
+            title: "t".into(),
+            body: "b".into(),
+            data: serde_json::json!({}),
+            request_id: None,
+        },
+        &[herald_db::notifications::NewDelivery {
+            id: dlv.clone(),
+            channel: "in_app",
+            skip_reason: None,
+            max_attempts: 3,
+        }],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    dlv
+}
+
+fn result<'a>(id: &'a str, attempt: i32, next: NextState, outcome: &'static str) -> AttemptResult<'a> {
+    AttemptResult {
+        delivery_id: id,
+        attempt,
+        next,
+        outcome,
+        provider_status: None,
+        error: None,
+        detail: None,
+    }
+}
+
+async fn status_of(db: &TestDb, id: &str) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempt FROM deliveries WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_duplicate_job_cannot_claim_a_delivery_twice() {
+    let db = TestDb::new().await;
+    let id = one_queued_delivery(&db).await;
+    let first = claim_delivery(&db.pool, &id, 0, 30.0, "w1").await.unwrap();
+    assert_eq!(first.map(|c| c.attempt), Some(1));
+    // The same job again (Redis redelivered it, or the sweeper pushed a copy).
+    assert!(claim_delivery(&db.pool, &id, 0, 30.0, "w2").await.unwrap().is_none());
+    assert!(
+        record_attempt(&db.pool, &result(&id, 1, NextState::Delivered, "delivered"))
+            .await
+            .unwrap()
+    );
+    // A late copy after it finished changes nothing.
+    assert!(claim_delivery(&db.pool, &id, 0, 30.0, "w3").await.unwrap().is_none());
+    assert!(claim_delivery(&db.pool, &id, 1, 30.0, "w3").await.unwrap().is_none());
+    assert_eq!(status_of(&db, &id).await, ("delivered".into(), 1));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_stale_worker_cannot_overwrite_a_newer_attempt_or_move_a_status_back() {
+    let db = TestDb::new().await;
+    let id = one_queued_delivery(&db).await;
+    // Worker A claims attempt 1, then stalls past its lease.
+    claim_delivery(&db.pool, &id, 0, 0.0, "stalled").await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let swept = herald_db::sweep::sweep(&db.pool, 0.0, 100).await.unwrap();
+    assert_eq!(swept.expired_leases, 1);
+    assert_eq!(status_of(&db, &id).await, ("retrying".into(), 1));
+    // Worker B takes attempt 2 and succeeds.
+    let b = claim_delivery(&db.pool, &id, 1, 30.0, "fresh").await.unwrap().unwrap();
+    assert_eq!(b.attempt, 2);
+    assert!(
+        record_attempt(&db.pool, &result(&id, 2, NextState::Sent, "sent"))
+            .await
+            .unwrap()
+    );
+    // Worker A wakes up and reports a failure for attempt 1: not applied.
+    let late = result(&id, 1, NextState::Failed, "permanent");
+    assert!(!record_attempt(&db.pool, &late).await.unwrap());
+    assert_eq!(status_of(&db, &id).await, ("sent".into(), 2));
+    // Its attempt row still tells what happened at the provider.
+    let outcomes: Vec<(i32, Option<String>)> =
+        sqlx::query_as("SELECT attempt, outcome FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempt")
+            .bind(&id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcomes, vec![(1, Some("permanent".into())), (2, Some("sent".into()))]);
+    db.drop_db().await;
+}
