@@ -46,6 +46,7 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
             PushTransport::File { path } => Sender::Push(
                 PushSender::file(path.clone()).with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
             ),
+            PushTransport::Http(_) => anyhow::bail!("HERALD_PUSH_TRANSPORT=http: the HTTP push providers are not wired in yet"),
         },
         Channel::InApp => Sender::InApp,
     })
@@ -70,7 +71,10 @@ pub async fn run_worker(
         queue: QueueClient::new(queue_cfg.clone()).context("REDIS_URL")?,
         worker_id: worker_id.clone(),
         sender: sender_for(settings, channel)?,
-        retry: RetryPolicy::new(settings.retry_min, settings.retry_max),
+        retry: {
+            let r = settings.retry_for(channel.as_str());
+            RetryPolicy::new(r.min, r.max)
+        },
         lease: settings.lease,
         send_timeout: settings.send_timeout,
     });

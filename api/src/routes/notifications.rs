@@ -214,14 +214,13 @@ pub async fn create_notification(
         all.push(Channel::InApp);
         all
     });
-    let max_attempts = i32::try_from(state.settings.max_attempts).unwrap_or(i32::MAX);
     let deliveries: Vec<NewDelivery> = channels
         .iter()
         .map(|&ch| NewDelivery {
             id: DeliveryId::generate().to_string(),
             channel: ch.as_str(),
             skip_reason: skip_reason(ch, &reach),
-            max_attempts,
+            max_attempts: i32::try_from(state.settings.retry_for(ch.as_str()).max_attempts).unwrap_or(i32::MAX),
         })
         .collect();
     let notification = NewNotification {

@@ -44,11 +44,28 @@ variables! {
     "HERALD_SWEEP_INTERVAL_SECS" = Some("5"), "How often the sweeper looks for deliveries that lost their job.";
     "HERALD_RETRY_MIN_MS" = Some("5000"), "Delay before the first retry; later ones grow about threefold, with jitter.";
     "HERALD_RETRY_MAX_SECS" = Some("21600"), "Longest delay between two attempts.";
+    "HERALD_EMAIL_MAX_ATTEMPTS" = None, "Attempts for email deliveries (default: HERALD_MAX_ATTEMPTS).";
+    "HERALD_EMAIL_RETRY_MIN_MS" = None, "First retry delay for email (default: HERALD_RETRY_MIN_MS).";
+    "HERALD_PUSH_MAX_ATTEMPTS" = None, "Attempts for push deliveries (default: HERALD_MAX_ATTEMPTS).";
+    "HERALD_PUSH_RETRY_MIN_MS" = None, "First retry delay for push (default: HERALD_RETRY_MIN_MS).";
+    "HERALD_INAPP_MAX_ATTEMPTS" = None, "Attempts for in-app deliveries (default: HERALD_MAX_ATTEMPTS).";
+    "HERALD_INAPP_RETRY_MIN_MS" = None, "First retry delay for in-app (default: HERALD_RETRY_MIN_MS).";
     "HERALD_EMAIL_TRANSPORT" = Some("file"), "`file` (writes .eml files; development only) or `smtp`.";
     "HERALD_EMAIL_DIR" = Some("var/mail"), "Where the file transport writes .eml files.";
     "HERALD_EMAIL_FROM" = Some("Herald <herald@localhost.localdomain>"), "From address of every email.";
     "HERALD_SMTP_URL" = None, "SMTP server, e.g. smtp://mail.internal:25 or smtps://user:pass@smtp.example.com (required when the transport is smtp).";
-    "HERALD_PUSH_TRANSPORT" = Some("file"), "`file` (JSON lines; development only). The providers' HTTP APIs come with the real-channels work.";
+    "HERALD_SMTP_CA_FILE" = None, "PEM certificate(s) to trust for the SMTP server's TLS, besides the system roots (private CAs).";
+    "HERALD_PUSH_TRANSPORT" = Some("file"), "`file` (JSON lines; development only) or `http` (FCM, APNs and Web Push, each enabled by its settings below).";
+    "HERALD_FCM_CREDENTIALS_FILE" = None, "Firebase service-account JSON; enables FCM HTTP v1.";
+    "HERALD_FCM_BASE_URL" = Some("https://fcm.googleapis.com"), "FCM API base URL.";
+    "HERALD_APNS_KEY_FILE" = None, "APNs token-auth key (.p8, ES256); with the three below, enables APNs.";
+    "HERALD_APNS_KEY_ID" = None, "APNs key id (10 characters).";
+    "HERALD_APNS_TEAM_ID" = None, "Apple developer team id.";
+    "HERALD_APNS_TOPIC" = None, "The app's bundle id (apns-topic).";
+    "HERALD_APNS_BASE_URL" = Some("https://api.push.apple.com"), "APNs base URL (sandbox: https://api.sandbox.push.apple.com).";
+    "HERALD_VAPID_PRIVATE_KEY_FILE" = None, "VAPID private key (PEM, P-256); with HERALD_VAPID_SUBJECT, enables Web Push.";
+    "HERALD_VAPID_SUBJECT" = None, "VAPID contact, `mailto:` or `https:` URL.";
+    "HERALD_WEBPUSH_ALLOW_LOOPBACK" = Some("false"), "Tests only: allow http:// and loopback Web Push endpoints. Refused in production.";
     "HERALD_PUSH_FILE" = Some("var/push.jsonl"), "Where the file push transport appends one JSON line per device.";
 }
 
@@ -104,6 +121,44 @@ pub enum EmailTransport {
 pub enum PushTransport {
     /// One JSON line per device in a file (development).
     File { path: PathBuf },
+    /// The providers' HTTP APIs.
+    Http(PushHttp),
+}
+
+/// Which push providers are enabled, and with what. Files are read and
+/// keys parsed by `herald-channels` at start-up, with errors naming these
+/// variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushHttp {
+    pub fcm_credentials_file: Option<PathBuf>,
+    pub fcm_base_url: String,
+    pub apns: Option<Apns>,
+    pub apns_base_url: String,
+    pub webpush: Option<WebPush>,
+    /// Tests only: lets Web Push reach http:// and loopback endpoints.
+    pub webpush_allow_loopback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apns {
+    pub key_file: PathBuf,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebPush {
+    pub vapid_private_key_file: PathBuf,
+    pub vapid_subject: String,
+}
+
+/// A channel's retry budget and schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub max_attempts: u32,
+    pub min: Duration,
+    pub max: Duration,
 }
 
 /// Everything a Herald process needs to start.
@@ -126,7 +181,11 @@ pub struct Settings {
     pub sweep_interval: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    pub retry_email: Retry,
+    pub retry_push: Retry,
+    pub retry_in_app: Retry,
     pub email_transport: EmailTransport,
+    pub smtp_ca_file: Option<PathBuf>,
     pub email_from: String,
     pub push_transport: PushTransport,
 }
@@ -170,7 +229,8 @@ impl Settings {
             "file" => PushTransport::File {
                 path: PathBuf::from(src.raw("HERALD_PUSH_FILE")),
             },
-            other => return Err(src.invalid("HERALD_PUSH_TRANSPORT", other, "`file`")),
+            "http" => PushTransport::Http(push_http(&src, prod)?),
+            other => return Err(src.invalid("HERALD_PUSH_TRANSPORT", other, "`file` or `http`")),
         };
         if prod && matches!(email_transport, EmailTransport::File { .. }) {
             return Err(ConfigError {
@@ -182,8 +242,7 @@ impl Settings {
         if prod && matches!(push_transport, PushTransport::File { .. }) {
             return Err(ConfigError {
                 variable: "HERALD_PUSH_TRANSPORT",
-                message: "the `file` transport is for development, and this build has no production push transport yet"
-                    .into(),
+                message: "the `file` transport is for development; set HERALD_PUSH_TRANSPORT=http in production".into(),
             });
         }
         let url_with_scheme = |var: &'static str, schemes: &[&str]| -> Result<Secret, ConfigError> {
@@ -224,16 +283,103 @@ impl Settings {
             sweep_interval: Duration::from_secs(src.parse_in("HERALD_SWEEP_INTERVAL_SECS", 1..=3600)?),
             retry_min: Duration::from_millis(src.parse_in("HERALD_RETRY_MIN_MS", 1..=3_600_000)?),
             retry_max: Duration::from_secs(src.parse_in("HERALD_RETRY_MAX_SECS", 1..=604_800)?),
+            retry_email: src.retry("HERALD_EMAIL_MAX_ATTEMPTS", "HERALD_EMAIL_RETRY_MIN_MS")?,
+            retry_push: src.retry("HERALD_PUSH_MAX_ATTEMPTS", "HERALD_PUSH_RETRY_MIN_MS")?,
+            retry_in_app: src.retry("HERALD_INAPP_MAX_ATTEMPTS", "HERALD_INAPP_RETRY_MIN_MS")?,
+            smtp_ca_file: src.get("HERALD_SMTP_CA_FILE").map(PathBuf::from),
             email_transport,
             email_from: src.raw("HERALD_EMAIL_FROM"),
             push_transport,
         })
     }
 
+    /// The retry settings of a channel, by its wire name (`email`, `push`, `in_app`).
+    #[must_use]
+    pub fn retry_for(&self, channel: &str) -> Retry {
+        match channel {
+            "email" => self.retry_email,
+            "push" => self.retry_push,
+            _ => self.retry_in_app,
+        }
+    }
+
     #[must_use]
     pub fn is_production(&self) -> bool {
         self.environment == Environment::Production
     }
+}
+
+fn push_http(src: &Source<'_>, prod: bool) -> Result<PushHttp, ConfigError> {
+    let apns_vars = ["HERALD_APNS_KEY_FILE", "HERALD_APNS_KEY_ID", "HERALD_APNS_TEAM_ID", "HERALD_APNS_TOPIC"];
+    let apns_values: Vec<Option<String>> = apns_vars.iter().map(|v| src.get(v)).collect();
+    let apns = if apns_values.iter().all(Option::is_none) {
+        None
+    } else if let Some(i) = apns_values.iter().position(Option::is_none) {
+        return Err(ConfigError {
+            variable: apns_vars[i],
+            message: format!("is required to enable APNs ({} are all needed)", apns_vars.join(", ")),
+        });
+    } else {
+        let v: Vec<String> = apns_values.into_iter().flatten().collect();
+        Some(Apns {
+            key_file: PathBuf::from(&v[0]),
+            key_id: v[1].clone(),
+            team_id: v[2].clone(),
+            topic: v[3].clone(),
+        })
+    };
+    let webpush = match (src.get("HERALD_VAPID_PRIVATE_KEY_FILE"), src.get("HERALD_VAPID_SUBJECT")) {
+        (None, None) => None,
+        (Some(file), Some(subject)) => {
+            if !(subject.starts_with("mailto:") || subject.starts_with("https://")) {
+                return Err(src.invalid("HERALD_VAPID_SUBJECT", &subject, "a `mailto:` or `https://` contact"));
+            }
+            Some(WebPush {
+                vapid_private_key_file: PathBuf::from(file),
+                vapid_subject: subject,
+            })
+        }
+        (Some(_), None) => {
+            return Err(ConfigError {
+                variable: "HERALD_VAPID_SUBJECT",
+                message: "is required with HERALD_VAPID_PRIVATE_KEY_FILE (e.g. mailto:ops@example.com)".into(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError {
+                variable: "HERALD_VAPID_PRIVATE_KEY_FILE",
+                message: "is required with HERALD_VAPID_SUBJECT".into(),
+            });
+        }
+    };
+    let allow_loopback = match src.raw("HERALD_WEBPUSH_ALLOW_LOOPBACK").as_str() {
+        "true" | "1" => true,
+        "false" | "0" => false,
+        other => return Err(src.invalid("HERALD_WEBPUSH_ALLOW_LOOPBACK", other, "`true` or `false`")),
+    };
+    if allow_loopback && prod {
+        return Err(ConfigError {
+            variable: "HERALD_WEBPUSH_ALLOW_LOOPBACK",
+            message: "is for tests and is refused in production (it would weaken the SSRF guard)".into(),
+        });
+    }
+    let http = PushHttp {
+        fcm_credentials_file: src.get("HERALD_FCM_CREDENTIALS_FILE").map(PathBuf::from),
+        fcm_base_url: src.raw("HERALD_FCM_BASE_URL"),
+        apns,
+        apns_base_url: src.raw("HERALD_APNS_BASE_URL"),
+        webpush,
+        webpush_allow_loopback: allow_loopback,
+    };
+    if http.fcm_credentials_file.is_none() && http.apns.is_none() && http.webpush.is_none() {
+        return Err(ConfigError {
+            variable: "HERALD_PUSH_TRANSPORT",
+            message: "`http` needs at least one provider: set HERALD_FCM_CREDENTIALS_FILE, the HERALD_APNS_* \
+                      variables or the HERALD_VAPID_* variables"
+                .into(),
+        });
+    }
+    Ok(http)
 }
 
 struct Source<'a> {
@@ -263,6 +409,23 @@ impl Source<'_> {
             variable,
             message: format!("`{value}` is not valid: expected {expected}"),
         }
+    }
+
+    /// A channel's retry settings: its own variables, else the global ones.
+    fn retry(&self, attempts_var: &'static str, min_var: &'static str) -> Result<Retry, ConfigError> {
+        let max_attempts = match self.get(attempts_var) {
+            Some(_) => self.parse_in(attempts_var, 1..=100)?,
+            None => self.parse_in("HERALD_MAX_ATTEMPTS", 1..=100)?,
+        };
+        let min_ms: u64 = match self.get(min_var) {
+            Some(_) => self.parse_in(min_var, 1..=3_600_000)?,
+            None => self.parse_in("HERALD_RETRY_MIN_MS", 1..=3_600_000)?,
+        };
+        Ok(Retry {
+            max_attempts,
+            min: Duration::from_millis(min_ms),
+            max: Duration::from_secs(self.parse_in("HERALD_RETRY_MAX_SECS", 1..=604_800)?),
+        })
     }
 
     fn parse<T: FromStr>(&self, name: &'static str, expected: &str) -> Result<T, ConfigError> {
@@ -325,6 +488,32 @@ mod tests {
     fn secrets_do_not_appear_in_debug_output() {
         let s = Settings::from_map(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/herald")])).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_channel_may_override_the_retry_budget() {
+        let s = Settings::from_map(&env(&[("HERALD_MAX_ATTEMPTS", "5"), ("HERALD_PUSH_MAX_ATTEMPTS", "3")])).unwrap();
+        assert_eq!(s.retry_for("push").max_attempts, 3);
+        assert_eq!(s.retry_for("email").max_attempts, 5);
+    }
+
+    #[test]
+    fn http_push_needs_a_provider_and_complete_apns_settings() {
+        let err = Settings::from_map(&env(&[("HERALD_PUSH_TRANSPORT", "http")])).unwrap_err();
+        assert_eq!(err.variable, "HERALD_PUSH_TRANSPORT");
+        let err = Settings::from_map(&env(&[("HERALD_PUSH_TRANSPORT", "http"), ("HERALD_APNS_KEY_FILE", "k.p8")]))
+            .unwrap_err();
+        assert_eq!(err.variable, "HERALD_APNS_KEY_ID");
+        let err = Settings::from_map(&env(&[
+            ("HERALD_ENV", "production"),
+            ("HERALD_EMAIL_TRANSPORT", "smtp"),
+            ("HERALD_SMTP_URL", "smtp://127.0.0.1:25"),
+            ("HERALD_PUSH_TRANSPORT", "http"),
+            ("HERALD_FCM_CREDENTIALS_FILE", "sa.json"),
+            ("HERALD_WEBPUSH_ALLOW_LOOPBACK", "true"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "HERALD_WEBPUSH_ALLOW_LOOPBACK");
     }
 
     #[test]

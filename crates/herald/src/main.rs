@@ -68,14 +68,16 @@ fn print_banner(addr: &str, settings: &Settings) {
         }
         herald_config::EmailTransport::Smtp { .. } => "emails go to HERALD_SMTP_URL".to_owned(),
     };
-    let herald_config::PushTransport::File { path } = &settings.push_transport;
+    let push = match &settings.push_transport {
+        herald_config::PushTransport::File { path } => format!("pushes are appended to {}", path.display()),
+        herald_config::PushTransport::Http(_) => "pushes go to the configured providers".to_owned(),
+    };
     println!(
         "\nHerald is running on http://{addr}  (OpenAPI: http://{addr}/openapi.json)\n\
          API key (development): {DEV_API_KEY}\n\
-         {mail}; pushes are appended to {}\n\n\
+         {mail}; {push}\n\n\
          Try:\n  curl -s -X POST http://{addr}/v1/notifications \\\n    \
          -H 'Authorization: Bearer {DEV_API_KEY}' -H 'Content-Type: application/json' \\\n    \
-         -d '{{\"user_id\":\"u_42\",\"channels\":[\"in_app\"],\"title\":\"Hello\",\"body\":\"From Herald\"}}'\n",
-        path.display()
+         -d '{{\"user_id\":\"u_42\",\"channels\":[\"in_app\"],\"title\":\"Hello\",\"body\":\"From Herald\"}}'\n"
     );
 }
