@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 async fn app() -> TestApp {
-    TestApp::spawn_with(Parts { workers: false }, |env| {
+    TestApp::spawn_with(Parts::api_only(), |env| {
         env.insert("HERALD_MAX_BODY_BYTES".into(), "4096".into());
     })
     .await
@@ -294,7 +294,7 @@ async fn health_and_readiness_report_their_dependencies() {
 async fn the_api_answers_503_not_500_when_postgres_is_unreachable() {
     // A pool pointed at a port nothing listens on behaves like a Postgres
     // that is down; Redis down must not matter for accepting.
-    let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     let mut env = app.env.clone();
     env.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/none".into());
     env.insert("REDIS_URL".into(), "redis://127.0.0.1:1".into());

@@ -190,7 +190,7 @@ async fn the_request_id_is_echoed_and_travels_with_the_notification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_accepted_while_no_worker_runs_are_delivered_when_one_starts() {
     // The API alone: deliveries wait, queued, in Postgres and Redis.
-    let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         let (s, a) = app
@@ -228,7 +228,7 @@ async fn notifications_accepted_while_no_worker_runs_are_delivered_when_one_star
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_and_devices_can_be_created_read_and_removed() {
-    let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     let (s, user) = app
         .put_json(
             "/v1/users/u_7",

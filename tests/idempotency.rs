@@ -29,7 +29,7 @@ async fn count(app: &TestApp, table: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_request_returns_the_original_response_and_creates_nothing() {
-    let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     let body = json!({"user_id": "u_1", "channels": ["in_app"], "title": "Hi", "data": {"a": 1, "b": 2}});
     let (s1, first, replayed) = post(&app, "order-1234-shipped", &body).await;
     assert_eq!((s1, replayed), (202, false), "{first}");
@@ -69,7 +69,7 @@ async fn a_repeated_request_returns_the_original_response_and_creates_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_identical_requests_create_exactly_one_notification() {
-    let app = TestApp::spawn_with(Parts { workers: false }, |env| {
+    let app = TestApp::spawn_with(Parts::api_only(), |env| {
         env.insert("HERALD_DB_MAX_CONNECTIONS".into(), "16".into());
     })
     .await;

@@ -8,57 +8,22 @@
 //! from the environment like in production.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use herald_core::Channel;
+use herald_testkit::process::WorkerProcess;
 use herald_testkit::{Parts, TestApp};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::json;
 
-const CHILD_ENV: &str = "HERALD_TEST_CHILD";
-
-/// Not a test on its own: the body of a worker process spawned by a test.
 #[test]
 fn child_worker() {
-    let Ok(role) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let channel: Channel = role.parse().expect("a channel name");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(herald_workers::main_for(channel)).expect("worker ran");
-}
-
-fn spawn_worker(app: &TestApp, channel: Channel) -> Child {
-    Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["--exact", "child_worker", "--nocapture", "--test-threads=1"])
-        .envs(&app.env)
-        .env(CHILD_ENV, channel.as_str())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn worker process")
-}
-
-fn terminate(child: &mut Child, timeout: Duration) -> bool {
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    let _ = kill(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.success();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    false
+    herald_testkit::process::run_child_worker_if_requested();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_email_worker_processes_share_the_queue_without_double_sending() {
-    let app = TestApp::spawn_with(Parts { workers: false }, |_| {}).await;
-    let mut workers = vec![spawn_worker(&app, Channel::Email), spawn_worker(&app, Channel::Email)];
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
+    let mut workers = vec![WorkerProcess::spawn(&app.env, Channel::Email), WorkerProcess::spawn(&app.env, Channel::Email)];
 
     // Both replicas are up (registered in Redis) before any work arrives.
     let queue = herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&app.settings)).unwrap();
@@ -111,7 +76,7 @@ async fn two_email_worker_processes_share_the_queue_without_double_sending() {
     // SIGTERM: both stop cleanly.
     for w in &mut workers {
         assert!(
-            terminate(w, Duration::from_secs(30)),
+            w.terminate(Duration::from_secs(30)),
             "worker did not exit cleanly on SIGTERM"
         );
     }

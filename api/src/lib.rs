@@ -35,6 +35,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub queue: QueueClient,
     pub settings: Arc<Settings>,
+    /// Set while enqueueing fails, so an outage is logged once.
+    pub redis_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             pool,
             queue,
             settings: Arc::new(settings),
+            redis_down: Arc::default(),
         })
     }
 }

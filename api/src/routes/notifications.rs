@@ -362,6 +362,9 @@ async fn enqueue_after_commit(
     }
     match state.queue.enqueue(&jobs).await {
         Ok(()) => {
+            if state.redis_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("Redis is reachable again; enqueueing directly");
+            }
             let marks: Vec<(String, i32)> = jobs.iter().map(|(_, j)| (j.delivery_id.to_string(), 0)).collect();
             let pool = state.pool.clone();
             // Off the request path: if this is lost, the sweeper pushes a
@@ -372,7 +375,12 @@ async fn enqueue_after_commit(
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "Redis unavailable; deliveries wait for the sweeper"),
+        Err(e) => {
+            // Once per outage: every request would otherwise say the same.
+            if !state.redis_down.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "Redis unavailable; accepted deliveries wait in Postgres for the sweeper");
+            }
+        }
     }
 }
 

@@ -40,6 +40,11 @@ pub struct SweepResult {
 /// about to enqueue itself.
 pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepResult> {
     let mut tx = pool.begin().await?;
+    // A sweeper frozen mid-pass (SIGSTOP, a stalled VM) must not hold the
+    // lock forever: Postgres ends its session and the lock goes with it.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'")
+        .execute(&mut *tx)
+        .await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(SWEEP_LOCK_KEY)
         .fetch_one(&mut *tx)

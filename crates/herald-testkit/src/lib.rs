@@ -6,6 +6,9 @@
 //! `postgres://postgres@127.0.0.1:5432`) and `REDIS_URL`.
 #![allow(clippy::missing_panics_doc)] // test support: panicking is how it reports
 
+pub mod process;
+pub mod servers;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,11 +45,11 @@ pub fn unique_prefix() -> String {
     format!("herald-test-{}", random_suffix())
 }
 
-async fn admin_pool() -> PgPool {
+async fn admin_pool(server: &str) -> PgPool {
     PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&format!("{}/postgres", server_url()))
+        .connect(&format!("{server}/postgres"))
         .await
         .expect("connect to the test Postgres server (is it running? see .ci/run)")
 }
@@ -62,7 +65,7 @@ fn template_name() -> String {
     format!("herald_tpl_{}", &hex::encode(h.finalize())[..16])
 }
 
-async fn ensure_template(admin: &PgPool) -> String {
+async fn ensure_template(admin: &PgPool, server: &str) -> String {
     let name = template_name();
     let mut conn = admin.acquire().await.expect("admin connection");
     // Serialises template creation across test processes.
@@ -87,7 +90,7 @@ async fn ensure_template(admin: &PgPool) -> String {
             .expect("create template");
         let pool = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&format!("{}/{building}", server_url()))
+            .connect(&format!("{server}/{building}"))
             .await
             .expect("connect to template");
         herald_db::migrate(&pool).await.expect("migrate template");
@@ -121,12 +124,18 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    server: String,
 }
 
 impl TestDb {
     pub async fn new() -> Self {
-        let admin = admin_pool().await;
-        let template = ensure_template(&admin).await;
+        Self::new_on(&server_url()).await
+    }
+
+    /// A database on another server (a [`servers::PrivatePostgres`]).
+    pub async fn new_on(server: &str) -> Self {
+        let admin = admin_pool(server).await;
+        let template = ensure_template(&admin, server).await;
         drop_stale_test_databases(&admin).await;
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -138,20 +147,25 @@ impl TestDb {
             .await
             .expect("create test database");
         admin.close().await;
-        let url = format!("{}/{name}", server_url());
+        let url = format!("{server}/{name}");
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .connect(&url)
             .await
             .expect("connect to test database");
-        Self { name, url, pool }
+        Self {
+            name,
+            url,
+            pool,
+            server: server.to_owned(),
+        }
     }
 
     /// Drops the database (tests call this at the end; a test that panics
     /// leaves it for the next run's clean-up of databases over an hour old).
     pub async fn drop_db(self) {
         self.pool.close().await;
-        let admin = admin_pool().await;
+        let admin = admin_pool(&self.server).await;
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
             .execute(&admin)
             .await;
@@ -218,21 +232,42 @@ pub struct TestApp {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Which parts a test runs.
-#[derive(Debug, Clone, Copy)]
+/// Which parts a test runs, and on which servers.
+#[derive(Debug, Clone, Default)]
 pub struct Parts {
+    /// Run the three channel workers (and the sweeper) in-process.
     pub workers: bool,
+    /// A Postgres server URL other than the shared one.
+    pub pg_server: Option<String>,
+}
+
+impl Parts {
+    #[must_use]
+    pub fn api_only() -> Self {
+        Self::default()
+    }
+
+    #[must_use]
+    pub fn all() -> Self {
+        Self {
+            workers: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl TestApp {
     /// API and all workers.
     pub async fn spawn() -> Self {
-        Self::spawn_with(Parts { workers: true }, |_| {}).await
+        Self::spawn_with(Parts::all(), |_| {}).await
     }
 
     pub async fn spawn_with(parts: Parts, tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         herald_telemetry::init(herald_config::LogFormat::Pretty);
-        let db = TestDb::new().await;
+        let db = match &parts.pg_server {
+            Some(server) => TestDb::new_on(server).await,
+            None => TestDb::new().await,
+        };
         let prefix = unique_prefix();
         let sink = tempfile::tempdir().expect("temp dir");
         let mut env = test_env(&db.url, &prefix, sink.path());

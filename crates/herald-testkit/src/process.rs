@@ -1,0 +1,94 @@
+//! Workers as real processes, for tests that signal them (SIGKILL, SIGSTOP,
+//! SIGTERM). The process is the test binary itself, re-executed to run one
+//! test, `child_worker`, which every such test file defines as:
+//!
+//! ```ignore
+//! #[test]
+//! fn child_worker() {
+//!     herald_testkit::process::run_child_worker_if_requested();
+//! }
+//! ```
+//!
+//! With [`CHILD_ENV`] set it runs exactly what the `herald-*-worker`
+//! binaries run (`herald_workers::main_for`), configured from the
+//! environment like in production; without it, it returns at once.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herald_core::Channel;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Names the channel the child process works for.
+pub const CHILD_ENV: &str = "HERALD_TEST_CHILD";
+
+/// The body of `child_worker`: a worker process when asked to be one.
+pub fn run_child_worker_if_requested() {
+    let Ok(role) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let channel: Channel = role.parse().expect("a channel name");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(herald_workers::main_for(channel)).expect("worker ran");
+}
+
+/// A worker process started by a test.
+pub struct WorkerProcess {
+    child: Child,
+}
+
+impl WorkerProcess {
+    /// Starts a worker for `channel` with the given environment (usually
+    /// `TestApp::env`, adjusted).
+    pub fn spawn(env: &HashMap<String, String>, channel: Channel) -> Self {
+        let child = Command::new(std::env::current_exe().expect("test binary path"))
+            .args(["--exact", "child_worker", "--nocapture", "--test-threads=1"])
+            .envs(env)
+            .env(CHILD_ENV, channel.as_str())
+            .env("RUST_LOG", std::env::var("HERALD_TEST_CHILD_LOG").unwrap_or_else(|_| "error".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn worker process");
+        Self { child }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(self.pid(), sig);
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit; true if it exited successfully
+    /// in time (otherwise it is killed).
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
