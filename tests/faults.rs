@@ -247,12 +247,36 @@ async fn postgres_restarted_fast_and_immediate_during_delivery_loses_nothing() {
     let started = Instant::now();
     let mut worker = WorkerProcess::spawn(&app.env, Channel::Push);
     let waiting = wait_until_sent(&app, 100).await;
+    // Requests during the restarts: a 202 (stored) or a 503 with
+    // Retry-After (nothing stored), never a 500.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let prober = {
+        let (stop, req) = (stop.clone(), app.request(reqwest::Method::POST, "/v1/notifications"));
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeMap::new();
+            while !stop.is_cancelled() {
+                let Some(r) = req.try_clone() else { break };
+                let r = r.json(&json!({"user_id": "u_f", "channels": ["push"], "title": "probe"}));
+                if let Ok(res) = r.send().await {
+                    *seen.entry(res.status().as_u16()).or_insert(0) += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
     pg.restart("fast");
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.restart("immediate");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let seen = prober.await.unwrap();
+    println!("Postgres restart: API answers during the restarts: {seen:?}");
+    assert!(seen.keys().all(|s| *s == 202 || *s == 503), "only 202 or 503 while Postgres restarts: {seen:?}");
+    let probes_accepted: usize = seen.get(&202).copied().unwrap_or(0);
     println!("Postgres restart: {waiting} deliveries were still waiting at the first restart");
     assert!(waiting > 0, "the fault must land during delivery");
-    let dups = check_nothing_lost(&app, n, "Postgres restarted (fast, then immediate)", started).await;
+    let dups = check_nothing_lost(&app, n + probes_accepted, "Postgres restarted (fast, then immediate)", started).await;
     assert!(dups <= 2 * CONCURRENCY as usize, "{dups} duplicates");
     assert!(worker.terminate(Duration::from_secs(20)));
     app.stop().await;

@@ -108,6 +108,10 @@ pub async fn run(settings: Settings, channels: &[Channel], shutdown: Cancellatio
         .await
         .context("applying migrations (is DATABASE_URL reachable?)")?;
     let sweeper_queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
+    match sweeper_queue.durability_warnings().await {
+        Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+        Err(e) => tracing::warn!(error = %e, "Redis unreachable at start-up; workers will wait for it"),
+    }
     let sweeper = tokio::spawn(sweeper::run(
         pool.clone(),
         sweeper_queue,
