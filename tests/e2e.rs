@@ -278,3 +278,23 @@ async fn users_and_devices_can_be_created_read_and_removed() {
     assert_eq!(got["devices"].as_array().unwrap().len(), 0);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_app_delivery_publishes_a_live_event_for_the_user() {
+    use futures::StreamExt;
+    let app = TestApp::spawn().await;
+    let queue = herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&app.settings)).unwrap();
+    let client = redis::Client::open(herald_testkit::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(queue.events_channel()).await.unwrap();
+    let (s, accepted) = app
+        .post_json("/v1/notifications", &json!({"user_id": "u_live", "channels": ["in_app"], "title": "Live"}))
+        .await;
+    assert_eq!(s, 202);
+    let msg = tokio::time::timeout(WAIT, pubsub.on_message().next()).await.expect("an event").expect("a message");
+    let event: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+    assert_eq!(event["type"], "inbox.item.created");
+    assert_eq!(event["user_id"], "u_live");
+    assert_eq!(event["notification_id"], accepted["id"]);
+    app.stop().await;
+}

@@ -181,6 +181,18 @@ impl Deliverer {
             Sender::InApp => {
                 herald_db::deliveries::insert_inbox_item(&self.pool, &d.notification_id).await?;
                 tracing::info!("in-app message delivered to the inbox");
+                // Live clients hear of it at once; one that misses it (pub/sub
+                // keeps nothing) finds the item in its inbox.
+                let event = serde_json::json!({
+                    "type": "inbox.item.created",
+                    "user_id": d.user_id,
+                    "notification_id": d.notification_id,
+                    "category": d.category,
+                    "title": d.title,
+                });
+                if let Err(e) = self.queue.publish_event(&event.to_string()).await {
+                    tracing::debug!(error = %e, "could not publish the inbox event");
+                }
                 Sent::Ok {
                     status: "delivered",
                     detail: None,

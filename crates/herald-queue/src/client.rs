@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 
 use crate::conn::{Conn, is_connection_error, open_client};
 use crate::job::{WireJob, epoch_ms, now_ms};
-use crate::names::{epoch_key, wake_channel, workers_key};
+use crate::names::{epoch_key, events_channel, wake_channel, workers_key};
 use crate::{DeliveryJob, QueueConfig, QueueError, QueueName};
 
 /// Arguments per command when a batch is split (keeps single commands small).
@@ -159,6 +159,24 @@ impl QueueClient {
             dead,
             oldest_ready_age_ms,
         })
+    }
+
+    /// Publishes a user-facing event (JSON) for live clients. Best effort
+    /// by nature (pub/sub keeps nothing): clients that miss one catch up
+    /// from Postgres.
+    pub async fn publish_event(&self, event: &str) -> Result<(), QueueError> {
+        let channel = events_channel(&self.inner.cfg.prefix);
+        self.run("publish an event", |mut c| {
+            let channel = &channel;
+            async move { redis::cmd("PUBLISH").arg(channel).arg(event).query_async::<()>(&mut c).await }
+        })
+        .await
+    }
+
+    /// The pub/sub channel [`publish_event`](Self::publish_event) uses.
+    #[must_use]
+    pub fn events_channel(&self) -> String {
+        events_channel(&self.inner.cfg.prefix)
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {

@@ -108,6 +108,14 @@ pub fn epoch_key(prefix: &str) -> String {
     format!("{prefix}:epoch")
 }
 
+/// Pub/sub channel of user-facing events (a new inbox item, a delivery's
+/// status change), for API replicas serving live clients. One channel for
+/// all users: each replica subscribes once and fans out to its clients.
+#[must_use]
+pub fn events_channel(prefix: &str) -> String {
+    format!("{prefix}:events")
+}
+
 /// Pub/sub channel producers publish on after an enqueue so idle workers of
 /// that channel fetch at once.
 #[must_use]
