@@ -6,13 +6,10 @@ use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, record_att
 use herald_testkit::TestDb;
 
 async fn one_queued_delivery(db: &TestDb) -> String {
-    let mut tx = db.pool.begin().await.unwrap();
-    let ntf = herald_core::NotificationId::generate().to_string();
     let dlv = herald_core::DeliveryId::generate().to_string();
-    herald_db::notifications::insert_notification(
-        &mut tx,
-        &herald_db::notifications::NewNotification {
-            id: ntf,
+    let item = herald_db::notifications::NewNotificationWithDeliveries {
+        notification: herald_db::notifications::NewNotification {
+            id: herald_core::NotificationId::generate().to_string(),
             api_key_id: None,
             user_id: "u_1".into(),
             category: "general".into(),
@@ -22,16 +19,16 @@ async fn one_queued_delivery(db: &TestDb) -> String {
             data: serde_json::json!({}),
             request_id: None,
         },
-        &[herald_db::notifications::NewDelivery {
+        deliveries: vec![herald_db::notifications::NewDelivery {
             id: dlv.clone(),
             channel: "in_app",
-            skip_reason: None,
             max_attempts: 3,
+            requested: true,
         }],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    };
+    herald_db::notifications::insert_notifications(&db.pool, &[item])
+        .await
+        .unwrap();
     dlv
 }
 

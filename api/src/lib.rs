@@ -25,6 +25,7 @@ use utoipa_axum::routes;
 
 pub mod error;
 pub mod extract;
+pub mod ingest;
 pub mod routes;
 
 use error::ApiError;
@@ -37,9 +38,21 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Set while enqueueing fails, so an outage is logged once.
     pub redis_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Group commit for accepted notifications.
+    pub ingestor: ingest::Ingestor,
 }
 
 impl AppState {
+    /// What the ingest path writes to.
+    #[must_use]
+    pub fn sinks(&self) -> ingest::Sinks {
+        ingest::Sinks {
+            pool: self.pool.clone(),
+            queue: self.queue.clone(),
+            redis_down: Arc::clone(&self.redis_down),
+        }
+    }
+
     /// Builds the state without touching the network: the pool connects
     /// lazily and the queue client reconnects on its own, so the API starts
     /// (and reports not-ready) while a dependency is still coming up.
@@ -47,11 +60,18 @@ impl AppState {
         let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
             .context("DATABASE_URL")?;
         let queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
+        let redis_down = Arc::default();
+        let ingestor = ingest::Ingestor::start(ingest::Sinks {
+            pool: pool.clone(),
+            queue: queue.clone(),
+            redis_down: Arc::clone(&redis_down),
+        });
         Ok(Self {
             pool,
             queue,
             settings: Arc::new(settings),
-            redis_down: Arc::default(),
+            redis_down,
+            ingestor,
         })
     }
 }

@@ -14,8 +14,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use herald_core::validate::{MAX_BODY_CHARS, MAX_TITLE_CHARS, check_text};
 use herald_core::{Category, Channel, DeliveryId, NotificationId, Priority, UserId};
-use herald_db::notifications::{Idempotency, NewDelivery, NewNotification};
-use herald_queue::{DeliveryJob, QueueName};
+use herald_db::notifications::{Idempotency, NewDelivery, NewNotification, NewNotificationWithDeliveries};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tower_http::request_id::RequestId;
@@ -24,6 +23,7 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, Caller};
+use crate::ingest::Submission;
 
 /// Largest `data` object, serialized, in bytes.
 const MAX_DATA_BYTES: usize = 8 * 1024;
@@ -192,7 +192,8 @@ pub async fn create_notification(
         let hash = Sha256::digest(raw.to_string().as_bytes()).to_vec();
         (key, hash)
     });
-    let req: CreateNotification = serde_json::from_value(raw).map_err(|e| {
+    // Through serde_path_to_error, so the message names the field.
+    let req: CreateNotification = serde_path_to_error::deserialize(raw).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
@@ -202,99 +203,129 @@ pub async fn create_notification(
     let v = validate(req)?;
     let request_id = request_id.and_then(|Extension(r)| r.header_value().to_str().ok().map(str::to_owned));
 
-    let reach = herald_db::users::reachability(&state.pool, v.user_id.as_str()).await?;
-    let channels = v.channels.clone().unwrap_or_else(|| {
-        let mut all = Vec::new();
-        if reach.has_email {
-            all.push(Channel::Email);
-        }
-        if reach.active_devices > 0 {
-            all.push(Channel::Push);
-        }
-        all.push(Channel::InApp);
-        all
-    });
+    // Named channels are recorded even when the user cannot receive on them
+    // (as skipped); omitted ones mean "whatever the user can receive".
+    let (channels, requested) = match &v.channels {
+        Some(list) => (list.clone(), true),
+        None => (vec![Channel::Email, Channel::Push, Channel::InApp], false),
+    };
     let deliveries: Vec<NewDelivery> = channels
         .iter()
         .map(|&ch| NewDelivery {
             id: DeliveryId::generate().to_string(),
             channel: ch.as_str(),
-            skip_reason: skip_reason(ch, &reach),
             max_attempts: i32::try_from(state.settings.retry_for(ch.as_str()).max_attempts).unwrap_or(i32::MAX),
+            // In-app needs nothing from the user, so it is always kept.
+            requested: requested || ch == Channel::InApp,
         })
         .collect();
-    let notification = NewNotification {
-        id: NotificationId::generate().to_string(),
-        api_key_id: Some(caller.key_id().to_owned()),
-        user_id: v.user_id.to_string(),
-        category: v.category.as_str().to_owned(),
-        priority: v.priority.as_str(),
-        title: v.title,
-        body: v.body,
-        data: v.data,
-        request_id: request_id.clone(),
+    let item = NewNotificationWithDeliveries {
+        notification: NewNotification {
+            id: NotificationId::generate().to_string(),
+            api_key_id: Some(caller.key_id().to_owned()),
+            user_id: v.user_id.to_string(),
+            category: v.category.as_str().to_owned(),
+            priority: v.priority.as_str(),
+            title: v.title,
+            body: v.body,
+            data: v.data,
+            request_id,
+        },
+        deliveries,
     };
-
-    let mut tx = state.pool.begin().await.map_err(herald_db::DbError::from)?;
-    if let Some((key, hash)) = &idempotency {
-        match herald_db::notifications::claim_idempotency_key(&mut tx, caller.key_id(), key, hash).await? {
-            Idempotency::Fresh => {}
-            Idempotency::Replay { status, response } => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
-                let mut res = (status, Json(response)).into_response();
-                res.headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
-                return Ok(res);
-            }
-            Idempotency::Mismatch => {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    format!(
-                        "Idempotency-Key `{key}` was already used with a different request body; \
-                         use a new key for a new notification"
-                    ),
-                ));
-            }
-        }
-    }
-    let created_at = herald_db::notifications::insert_notification(&mut tx, &notification, &deliveries).await?;
-    let body = accepted_body(&notification, &deliveries, created_at);
-    if let Some((key, _)) = &idempotency {
-        let stored = serde_json::to_value(&body).map_err(|e| ApiError::internal(&e))?;
-        herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
-    }
-    tx.commit().await.map_err(herald_db::DbError::from)?;
-
-    enqueue_after_commit(
-        &state,
-        &deliveries,
-        channels.as_slice(),
-        v.priority,
-        request_id.as_deref(),
-    )
-    .await;
-
-    tracing::info!(
-        notification_id = %notification.id,
-        user_id = %notification.user_id,
-        channels = deliveries.len(),
-        "notification accepted"
-    );
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    let (id, user_id) = (item.notification.id.clone(), item.notification.user_id.clone());
+    let accepted = match idempotency {
+        None => state
+            .ingestor
+            .accept(Submission {
+                item,
+                priority: v.priority,
+            })
+            .await
+            .map_err(|e| db_error(&e))?,
+        Some((key, hash)) => match accept_idempotent(&state, &caller, &key, &hash, item, v.priority).await? {
+            Ok(accepted) => accepted,
+            Err(replay) => return Ok(replay),
+        },
+    };
+    tracing::info!(notification_id = %id, user_id = %user_id, channels = accepted.deliveries.len(), "notification accepted");
+    Ok((StatusCode::ACCEPTED, Json(accepted_body(id, user_id, &accepted))).into_response())
 }
 
-fn accepted_body(n: &NewNotification, deliveries: &[NewDelivery], created_at: DateTime<Utc>) -> Accepted {
+/// Maps a shared database error (one batch answers many requests).
+fn db_error(e: &herald_db::DbError) -> ApiError {
+    if e.is_unavailable() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is unavailable; retry shortly (nothing was stored)",
+        )
+    } else {
+        ApiError::internal(e)
+    }
+}
+
+/// The idempotent path: its own transaction, so the key's reservation, the
+/// rows and the stored response commit together. `Ok(Err(response))` is a
+/// replay of the original answer.
+async fn accept_idempotent(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+    hash: &[u8],
+    item: NewNotificationWithDeliveries,
+    priority: Priority,
+) -> ApiResult<Result<herald_db::notifications::Accepted, Response>> {
+    let mut tx = state.pool.begin().await.map_err(herald_db::DbError::from)?;
+    match herald_db::notifications::claim_idempotency_key(&mut tx, caller.key_id(), key, hash).await? {
+        Idempotency::Fresh => {}
+        Idempotency::Replay { status, response } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+            let mut res = (status, Json(response)).into_response();
+            res.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(Err(res));
+        }
+        Idempotency::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                format!(
+                    "Idempotency-Key `{key}` was already used with a different request body; \
+                     use a new key for a new notification"
+                ),
+            ));
+        }
+    }
+    let accepted = herald_db::notifications::insert_notifications(&mut *tx, std::slice::from_ref(&item))
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::internal(&"the insert returned no row"))?;
+    let body = accepted_body(
+        item.notification.id.clone(),
+        item.notification.user_id.clone(),
+        &accepted,
+    );
+    let stored = serde_json::to_value(&body).map_err(|e| ApiError::internal(&e))?;
+    herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
+    tx.commit().await.map_err(herald_db::DbError::from)?;
+    let request_id = item.notification.request_id.as_deref();
+    crate::ingest::enqueue_accepted(&state.sinks(), &[(&accepted, priority, request_id)]).await;
+    Ok(Ok(accepted))
+}
+
+fn accepted_body(id: String, user_id: String, a: &herald_db::notifications::Accepted) -> Accepted {
     Accepted {
-        id: n.id.clone(),
-        user_id: n.user_id.clone(),
-        created_at,
-        deliveries: deliveries
+        id,
+        user_id,
+        created_at: a.created_at,
+        deliveries: a
+            .deliveries
             .iter()
             .map(|d| AcceptedDelivery {
                 id: d.id.clone(),
-                channel: d.channel.to_owned(),
-                status: if d.skip_reason.is_some() { "skipped" } else { "queued" }.to_owned(),
+                channel: d.channel.clone(),
+                status: d.status.clone(),
                 skip_reason: d.skip_reason.clone(),
             })
             .collect(),
@@ -320,67 +351,6 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters without spaces (a UUID works)"
             ),
         )),
-    }
-}
-
-fn skip_reason(ch: Channel, reach: &herald_db::users::Reachability) -> Option<String> {
-    match ch {
-        Channel::Email if !reach.user_exists => Some("unknown user: no email address on record".into()),
-        Channel::Email if !reach.has_email => Some("user has no email address".into()),
-        Channel::Push if reach.active_devices == 0 => Some("user has no active push device".into()),
-        _ => None,
-    }
-}
-
-/// Pushes one job per queued delivery. A failure is not the caller's
-/// problem: the deliveries are committed and the sweeper will enqueue them.
-async fn enqueue_after_commit(
-    state: &AppState,
-    deliveries: &[NewDelivery],
-    channels: &[Channel],
-    priority: Priority,
-    request_id: Option<&str>,
-) {
-    let jobs: Vec<(QueueName, DeliveryJob)> = deliveries
-        .iter()
-        .zip(channels)
-        .filter(|(d, _)| d.skip_reason.is_none())
-        .filter_map(|(d, &ch)| {
-            let delivery_id = d.id.parse().ok()?;
-            Some((
-                QueueName::new(ch, priority),
-                DeliveryJob {
-                    delivery_id,
-                    attempt: 0,
-                    request_id: request_id.map(str::to_owned),
-                },
-            ))
-        })
-        .collect();
-    if jobs.is_empty() {
-        return;
-    }
-    match state.queue.enqueue(&jobs).await {
-        Ok(()) => {
-            if state.redis_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                tracing::info!("Redis is reachable again; enqueueing directly");
-            }
-            let marks: Vec<(String, i32)> = jobs.iter().map(|(_, j)| (j.delivery_id.to_string(), 0)).collect();
-            let pool = state.pool.clone();
-            // Off the request path: if this is lost, the sweeper pushes a
-            // duplicate job, which the claim fence turns into a no-op.
-            tokio::spawn(async move {
-                if let Err(e) = herald_db::notifications::mark_enqueued(&pool, &marks).await {
-                    tracing::debug!(error = %e, "could not mark deliveries enqueued; the sweeper will re-enqueue");
-                }
-            });
-        }
-        Err(e) => {
-            // Once per outage: every request would otherwise say the same.
-            if !state.redis_down.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::warn!(error = %e, "Redis unavailable; accepted deliveries wait in Postgres for the sweeper");
-            }
-        }
     }
 }
 

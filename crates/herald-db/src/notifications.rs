@@ -21,61 +21,170 @@ pub struct NewNotification {
     pub request_id: Option<String>,
 }
 
-/// One channel's delivery, decided at accept time: `queued`, or `skipped`
-/// with the reason the user cannot receive on that channel.
+/// One channel a notification asks for, with the id its delivery gets.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
     pub id: String,
     pub channel: &'static str,
-    pub skip_reason: Option<String>,
     pub max_attempts: i32,
+    /// Named by the caller. A channel that was not (the caller omitted
+    /// `channels`) is dropped when the user cannot receive on it, instead of
+    /// being recorded `skipped`.
+    pub requested: bool,
 }
 
-/// Writes the notification and its deliveries in the caller's transaction:
-/// the caller commits before answering, so a 2xx means all of it is stored.
-pub async fn insert_notification(
-    tx: &mut Transaction<'_, Postgres>,
-    n: &NewNotification,
-    deliveries: &[NewDelivery],
-) -> Result<DateTime<Utc>> {
-    let created_at: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO notifications (id, api_key_id, user_id, category, priority, title, body, data, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
-    )
-    .bind(&n.id)
-    .bind(&n.api_key_id)
-    .bind(&n.user_id)
-    .bind(&n.category)
-    .bind(n.priority)
-    .bind(&n.title)
-    .bind(&n.body)
-    .bind(&n.data)
-    .bind(&n.request_id)
-    .fetch_one(&mut **tx)
-    .await?;
+/// A notification with the deliveries it asks for.
+#[derive(Debug, Clone)]
+pub struct NewNotificationWithDeliveries {
+    pub notification: NewNotification,
+    pub deliveries: Vec<NewDelivery>,
+}
 
-    let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
-    let channels: Vec<&str> = deliveries.iter().map(|d| d.channel).collect();
-    let reasons: Vec<Option<&str>> = deliveries.iter().map(|d| d.skip_reason.as_deref()).collect();
-    let max_attempts: Vec<i32> = deliveries.iter().map(|d| d.max_attempts).collect();
-    sqlx::query(
-        "INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, skip_reason,
-                                 max_attempts, finished_at)
-         SELECT d.id, $1, $2, d.channel, $3,
-                CASE WHEN d.reason IS NULL THEN 'queued' ELSE 'skipped' END, d.reason, d.max_attempts,
-                CASE WHEN d.reason IS NULL THEN NULL ELSE now() END
-         FROM UNNEST($4::TEXT[], $5::TEXT[], $6::TEXT[], $7::INT[]) AS d (id, channel, reason, max_attempts)",
+/// A delivery as accepted: `queued`, or `skipped` with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AcceptedDelivery {
+    pub id: String,
+    pub notification_id: String,
+    pub channel: String,
+    pub status: String,
+    pub skip_reason: Option<String>,
+}
+
+/// What accepting a batch wrote, per notification (in input order).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub created_at: DateTime<Utc>,
+    pub deliveries: Vec<AcceptedDelivery>,
+}
+
+/// Writes many notifications and their deliveries in ONE statement (one
+/// round trip, atomic on its own or inside the caller's transaction), so
+/// concurrent requests can share a commit. Whether a user can receive on a
+/// channel (an email address; an active device) is decided in the same
+/// statement, from the same snapshot as the insert.
+pub async fn insert_notifications<'e, E>(executor: E, batch: &[NewNotificationWithDeliveries]) -> Result<Vec<Accepted>>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let col = |f: fn(&NewNotification) -> Option<&str>| -> Vec<Option<&str>> {
+        batch.iter().map(|b| f(&b.notification)).collect()
+    };
+    let ids = col(|n| Some(n.id.as_str()));
+    let keys = col(|n| n.api_key_id.as_deref());
+    let users = col(|n| Some(n.user_id.as_str()));
+    let categories = col(|n| Some(n.category.as_str()));
+    let priorities = col(|n| Some(n.priority));
+    let titles = col(|n| Some(n.title.as_str()));
+    let bodies = col(|n| Some(n.body.as_str()));
+    let request_ids = col(|n| n.request_id.as_deref());
+    let data: Vec<&serde_json::Value> = batch.iter().map(|b| &b.notification.data).collect();
+    let deliveries = batch
+        .iter()
+        .flat_map(|b| b.deliveries.iter().map(move |d| (b.notification.id.as_str(), d)));
+    let (mut d_ids, mut d_ntf, mut d_channel, mut d_max, mut d_req) = (vec![], vec![], vec![], vec![], vec![]);
+    for (ntf, d) in deliveries {
+        d_ids.push(d.id.as_str());
+        d_ntf.push(ntf);
+        d_channel.push(d.channel);
+        d_max.push(d.max_attempts);
+        d_req.push(d.requested);
+    }
+    let rows: Vec<(
+        String,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    )> = sqlx::query_as(
+        "WITH input AS (
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                                      $7::TEXT[], $8::JSONB[], $9::TEXT[])
+                     AS t (id, api_key_id, user_id, category, priority, title, body, data, request_id)
+             ), n AS (
+                 INSERT INTO notifications (id, api_key_id, user_id, category, priority, title, body, data, request_id)
+                 SELECT id, api_key_id, user_id, category, priority, title, body, data, request_id FROM input
+                 RETURNING id, created_at
+             ), reach AS (
+                 SELECT u.id, u.email IS NOT NULL AS has_email,
+                        EXISTS (SELECT 1 FROM devices v WHERE v.user_id = u.id AND v.disabled_at IS NULL) AS has_device
+                 FROM users u WHERE u.id IN (SELECT user_id FROM input)
+             ), wanted AS (
+                 SELECT w.id, w.notification_id, i.user_id, w.channel, i.priority, w.max_attempts, w.requested,
+                        CASE
+                            WHEN w.channel = 'email' AND r.id IS NULL THEN 'unknown user: no email address on record'
+                            WHEN w.channel = 'email' AND NOT r.has_email THEN 'user has no email address'
+                            WHEN w.channel = 'push' AND NOT coalesce(r.has_device, false)
+                                THEN 'user has no active push device'
+                        END AS reason
+                 FROM UNNEST($10::TEXT[], $11::TEXT[], $12::TEXT[], $13::INT[], $14::BOOL[])
+                          AS w (id, notification_id, channel, max_attempts, requested)
+                 JOIN input i ON i.id = w.notification_id
+                 LEFT JOIN reach r ON r.id = i.user_id
+             ), d AS (
+                 INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, skip_reason,
+                                         max_attempts, finished_at)
+                 SELECT id, notification_id, user_id, channel, priority,
+                        CASE WHEN reason IS NULL THEN 'queued' ELSE 'skipped' END, reason, max_attempts,
+                        CASE WHEN reason IS NULL THEN NULL ELSE now() END
+                 FROM wanted WHERE requested OR reason IS NULL
+                 RETURNING id, notification_id, channel, status, skip_reason
+             )
+             SELECT n.id, n.created_at, NULL, NULL, NULL, NULL FROM n
+             UNION ALL
+             SELECT d.notification_id, NULL, d.id, d.channel, d.status, d.skip_reason FROM d",
     )
-    .bind(&n.id)
-    .bind(&n.user_id)
-    .bind(n.priority)
     .bind(&ids)
-    .bind(&channels)
-    .bind(&reasons)
-    .bind(&max_attempts)
-    .execute(&mut **tx)
+    .bind(&keys)
+    .bind(&users)
+    .bind(&categories)
+    .bind(&priorities)
+    .bind(&titles)
+    .bind(&bodies)
+    .bind(&data)
+    .bind(&request_ids)
+    .bind(&d_ids)
+    .bind(&d_ntf)
+    .bind(&d_channel)
+    .bind(&d_max)
+    .bind(&d_req)
+    .fetch_all(executor)
     .await?;
-    Ok(created_at)
+    let index: std::collections::HashMap<&str, usize> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.notification.id.as_str(), i))
+        .collect();
+    let mut out: Vec<Accepted> = batch
+        .iter()
+        .map(|_| Accepted {
+            created_at: DateTime::<Utc>::MIN_UTC,
+            deliveries: Vec::new(),
+        })
+        .collect();
+    for (ntf, created_at, d_id, channel, status, reason) in rows {
+        let Some(&i) = index.get(ntf.as_str()) else { continue };
+        match (created_at, d_id, channel, status) {
+            (Some(at), ..) => out[i].created_at = at,
+            (None, Some(id), Some(channel), Some(status)) => out[i].deliveries.push(AcceptedDelivery {
+                id,
+                notification_id: ntf,
+                channel,
+                status,
+                skip_reason: reason,
+            }),
+            _ => {}
+        }
+    }
+    // Channel order as the caller listed them.
+    for (acc, b) in out.iter_mut().zip(batch) {
+        acc.deliveries
+            .sort_by_key(|d| b.deliveries.iter().position(|w| w.id == d.id));
+    }
+    Ok(out)
 }
 
 /// Records that jobs for these `(delivery, attempt)` pairs were pushed to

@@ -146,30 +146,3 @@ pub async fn disable_device(pool: &PgPool, device_id: &str, reason: &str) -> Res
     .await?;
     Ok(())
 }
-
-/// What a user can receive right now, for deciding channels at accept time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reachability {
-    pub user_exists: bool,
-    pub has_email: bool,
-    pub active_devices: i64,
-}
-
-pub async fn reachability(pool: &PgPool, user_id: &str) -> Result<Reachability> {
-    let row: Option<(bool, i64)> = sqlx::query_as(
-        "SELECT u.email IS NOT NULL,
-                (SELECT count(*) FROM devices d WHERE d.user_id = u.id AND d.disabled_at IS NULL)
-         FROM users u WHERE u.id = $1",
-    )
-    .bind(user_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(match row {
-        Some((has_email, active_devices)) => Reachability {
-            user_exists: true,
-            has_email,
-            active_devices,
-        },
-        None => Reachability::default(),
-    })
-}
