@@ -83,13 +83,14 @@ impl Deliverer {
             tracing::debug!("job is stale; nothing to do");
             return Ok(());
         };
-        let sent = match tokio::time::timeout(self.send_timeout, self.send(&claimed)).await {
+        // A backstop only: each channel bounds its own calls by the send
+        // timeout and classifies what it knows (before or after the content
+        // went out); this fires only if a channel overran its own bound.
+        let backstop = self.send_timeout + Duration::from_secs(2);
+        let sent = match tokio::time::timeout(backstop, self.send(&claimed)).await {
             Ok(sent) => sent?,
             Err(_) => Sent::Err(
-                SendError::new(
-                    ErrorClass::Ambiguous,
-                    format!("no answer within {:?}", self.send_timeout),
-                ),
+                SendError::new(ErrorClass::Ambiguous, format!("no answer within {backstop:?}")),
                 None,
             ),
         };
@@ -162,18 +163,12 @@ impl Deliverer {
                             "results": results,
                         });
                         tracing::info!(devices = results.len(), succeeded = ok, "push sent");
-                        if ok > 0 {
-                            Sent::Ok {
+                        match herald_channels::push::overall_failure(&results) {
+                            None => Sent::Ok {
                                 status: "sent",
                                 detail: Some(detail),
-                            }
-                        } else {
-                            let class = if results.iter().all(|r| r.unregistered) {
-                                ErrorClass::Permanent
-                            } else {
-                                ErrorClass::Transient
-                            };
-                            Sent::Err(SendError::new(class, "no device accepted the push"), Some(detail))
+                            },
+                            Some(e) => Sent::Err(e, Some(detail)),
                         }
                     }
                 }

@@ -41,14 +41,16 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
             &settings.email_transport,
             &settings.email_from,
             settings.send_timeout,
+            settings.smtp_ca_file.as_deref(),
         )?),
         Channel::Push => match &settings.push_transport {
             PushTransport::File { path } => Sender::Push(
                 PushSender::file(path.clone()).with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
             ),
-            PushTransport::Http(_) => {
-                anyhow::bail!("HERALD_PUSH_TRANSPORT=http: the HTTP push providers are not wired in yet")
-            }
+            PushTransport::Http(_) => Sender::Push(PushSender::from_settings(
+                &settings.push_transport,
+                settings.send_timeout,
+            )?),
         },
         Channel::InApp => Sender::InApp,
     })

@@ -201,7 +201,8 @@ pub struct RegisterDevice {
     /// `fcm`, `apns` or `webpush`.
     #[schema(example = "apns")]
     pub provider: String,
-    /// The provider's device token (for Web Push: the subscription endpoint URL).
+    /// The provider's device token. For Web Push: the browser's subscription as JSON
+    /// (`JSON.stringify(subscription)`: `{"endpoint", "expirationTime", "keys": {"p256dh", "auth"}}`).
     pub token: String,
 }
 

@@ -53,7 +53,7 @@ variables! {
     "HERALD_EMAIL_TRANSPORT" = Some("file"), "`file` (writes .eml files; development only) or `smtp`.";
     "HERALD_EMAIL_DIR" = Some("var/mail"), "Where the file transport writes .eml files.";
     "HERALD_EMAIL_FROM" = Some("Herald <herald@localhost.localdomain>"), "From address of every email.";
-    "HERALD_SMTP_URL" = None, "SMTP server, e.g. smtp://mail.internal:25 or smtps://user:pass@smtp.example.com (required when the transport is smtp).";
+    "HERALD_SMTP_URL" = None, "SMTP server (required when the transport is smtp): `smtp://host:25` (plain), `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtp://host?tls=opportunistic` (STARTTLS if offered; not for production), `smtps://user:pass@host:465` (implicit TLS). Percent-encode reserved characters in user and password.";
     "HERALD_SMTP_CA_FILE" = None, "PEM certificate(s) to trust for the SMTP server's TLS, besides the system roots (private CAs).";
     "HERALD_PUSH_TRANSPORT" = Some("file"), "`file` (JSON lines; development only) or `http` (FCM, APNs and Web Push, each enabled by its settings below).";
     "HERALD_FCM_CREDENTIALS_FILE" = None, "Firebase service-account JSON; enables FCM HTTP v1.";

@@ -7,7 +7,9 @@
 #![allow(clippy::missing_panics_doc)] // test support: panicking is how it reports
 
 pub mod process;
+pub mod push_providers;
 pub mod servers;
+pub mod smtp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,19 +1,24 @@
 //! Email: a multipart (text + HTML) message built with lettre, sent over
-//! SMTP or written to an `.eml` file for development.
+//! SMTP ([`smtp`]) or written to an `.eml` file for development.
 //!
 //! Every message carries a stable `Message-ID` and an `X-Herald-Delivery-Id`
 //! derived from the delivery id, so a receiver can drop the duplicate that
 //! at-least-once delivery may produce.
 
-use std::path::PathBuf;
+pub mod smtp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_config::EmailTransport as EmailSettings;
 use herald_core::{EmailAddress, ErrorClass};
+use lettre::Message;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, header};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+pub use self::smtp::SmtpSecurity;
+use self::smtp::SmtpTransport;
 use crate::SendError;
 
 /// The parts of a notification an email is made of.
@@ -62,6 +67,19 @@ fn html_escape(s: &str) -> String {
 /// Builds the message. Subject and addresses are typed header values:
 /// lettre encodes them, so a CR/LF in a title cannot start a new header.
 pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendError> {
+    // The id goes into two headers verbatim; ours are `dlv_<ulid>`, so
+    // anything else (a line break above all) is refused rather than encoded.
+    if email.delivery_id.is_empty()
+        || !email
+            .delivery_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(SendError::new(
+            ErrorClass::Permanent,
+            "delivery id is not usable in a Message-ID",
+        ));
+    }
     let to: Mailbox = email
         .to
         .as_str()
@@ -86,99 +104,82 @@ pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendE
 }
 
 /// Where emails go.
-#[derive(Clone)]
-pub enum EmailTransport {
+#[derive(Debug, Clone)]
+enum Transport {
     /// `<dir>/<delivery id>.eml` (development).
     File { dir: PathBuf },
-    Smtp {
-        transport: AsyncSmtpTransport<Tokio1Executor>,
-        timeout: Duration,
-    },
+    /// Shared by every clone of the sender, so they share its pool.
+    Smtp(Arc<SmtpTransport>),
 }
 
-impl std::fmt::Debug for EmailTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::File { dir } => f.debug_struct("File").field("dir", dir).finish(),
-            Self::Smtp { timeout, .. } => f.debug_struct("Smtp").field("timeout", timeout).finish_non_exhaustive(),
-        }
-    }
-}
-
+/// Why the email channel cannot start; each names the variable to fix and
+/// never echoes the SMTP URL (it may hold a password).
 #[derive(Debug, thiserror::Error)]
 pub enum EmailSetupError {
-    #[error("HERALD_SMTP_URL is not a valid SMTP URL: {0}")]
+    #[error("HERALD_SMTP_URL is not a usable SMTP URL: {0}")]
     SmtpUrl(String),
+    #[error("HERALD_SMTP_CA_FILE `{0}`: {1}")]
+    CaFile(String, String),
     #[error("HERALD_EMAIL_FROM `{0}` is not a valid mailbox (e.g. `Herald <herald@example.com>`)")]
     From(String),
     #[error("HERALD_EMAIL_DIR `{0}` cannot be created: {1}")]
     Dir(String, std::io::Error),
 }
 
-/// The configured sender.
+/// The configured sender. Cheap to clone; clones share the SMTP pool.
 #[derive(Debug, Clone)]
 pub struct EmailSender {
     from: Mailbox,
-    transport: EmailTransport,
+    transport: Transport,
 }
 
 impl EmailSender {
-    pub fn from_settings(settings: &EmailSettings, from: &str, timeout: Duration) -> Result<Self, EmailSetupError> {
+    /// Builds the sender from `HERALD_EMAIL_TRANSPORT` (and `HERALD_SMTP_URL`),
+    /// `HERALD_EMAIL_FROM`, `HERALD_SEND_TIMEOUT_SECS` and
+    /// `HERALD_SMTP_CA_FILE`. Opens no connection: an unreachable server
+    /// shows up as transient failures of the first sends, not as a worker
+    /// that cannot start.
+    pub fn from_settings(
+        settings: &EmailSettings,
+        from: &str,
+        timeout: Duration,
+        smtp_ca_file: Option<&Path>,
+    ) -> Result<Self, EmailSetupError> {
         let from: Mailbox = from.parse().map_err(|_| EmailSetupError::From(from.to_owned()))?;
         let transport = match settings {
             EmailSettings::File { dir } => {
                 std::fs::create_dir_all(dir).map_err(|e| EmailSetupError::Dir(dir.display().to_string(), e))?;
-                EmailTransport::File { dir: dir.clone() }
+                Transport::File { dir: dir.clone() }
             }
-            EmailSettings::Smtp { url } => EmailTransport::Smtp {
-                // The URL may hold credentials: the error must not echo it.
-                transport: AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
-                    .map_err(|e| EmailSetupError::SmtpUrl(e.to_string().replace(url.expose(), "***")))?
-                    .timeout(Some(timeout))
-                    .build(),
-                timeout,
-            },
+            EmailSettings::Smtp { url } => {
+                Transport::Smtp(Arc::new(SmtpTransport::new(url.expose(), smtp_ca_file, timeout)?))
+            }
         };
         Ok(Self { from, transport })
     }
 
-    /// Sends one email; the whole SMTP conversation is bounded by the
-    /// timeout (lettre's own only covers single reads and writes).
+    /// How the SMTP connection is secured; `None` for the file transport.
+    #[must_use]
+    pub fn smtp_security(&self) -> Option<SmtpSecurity> {
+        match &self.transport {
+            Transport::File { .. } => None,
+            Transport::Smtp(smtp) => Some(smtp.security()),
+        }
+    }
+
+    /// Sends one email. Over SMTP the whole conversation (connect, TLS,
+    /// AUTH, MAIL, RCPT, DATA, the final reply) is bounded by the timeout,
+    /// and a failure is classified by how far it got (see [`smtp`]).
     pub async fn send(&self, email: &Email<'_>) -> Result<(), SendError> {
         let message = build_message(&self.from, email)?;
         match &self.transport {
-            EmailTransport::File { dir } => write_eml(dir, email.delivery_id, &message.formatted()).await,
-            EmailTransport::Smtp { transport, timeout } => {
-                match tokio::time::timeout(*timeout, transport.send(message)).await {
-                    Err(_) => Err(SendError::new(
-                        ErrorClass::Ambiguous,
-                        format!("SMTP conversation took longer than {timeout:?}"),
-                    )),
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(classify_smtp(&e)),
-                }
-            }
+            Transport::File { dir } => write_eml(dir, email.delivery_id, &message.formatted()).await,
+            Transport::Smtp(smtp) => smtp.send(email.delivery_id, &message).await,
         }
     }
 }
 
-/// 4xx → transient, 5xx → permanent, anything else (connection, TLS) →
-/// transient: nothing was accepted yet.
-fn classify_smtp(e: &lettre::transport::smtp::Error) -> SendError {
-    let status = e.status().map(u16::from);
-    let class = if e.is_permanent() {
-        ErrorClass::Permanent
-    } else {
-        ErrorClass::Transient
-    };
-    let err = SendError::new(class, format!("SMTP: {e}"));
-    match status {
-        Some(s) => err.with_status(s),
-        None => err,
-    }
-}
-
-async fn write_eml(dir: &std::path::Path, delivery_id: &str, bytes: &[u8]) -> Result<(), SendError> {
+async fn write_eml(dir: &Path, delivery_id: &str, bytes: &[u8]) -> Result<(), SendError> {
     // Written aside and renamed, so a reader never sees half a message.
     let tmp = dir.join(format!(".{delivery_id}.eml.tmp"));
     let path = dir.join(format!("{delivery_id}.eml"));
@@ -192,12 +193,15 @@ async fn write_eml(dir: &std::path::Path, delivery_id: &str, bytes: &[u8]) -> Re
 mod tests {
     use super::*;
 
+    fn from() -> Mailbox {
+        "Herald <herald@example.com>".parse().unwrap()
+    }
+
     #[test]
     fn a_title_with_a_line_break_cannot_add_a_header() {
-        let from: Mailbox = "Herald <herald@example.com>".parse().unwrap();
         let to = EmailAddress::parse("ada@example.com").unwrap();
         let msg = build_message(
-            &from,
+            &from(),
             &Email {
                 delivery_id: "dlv_01JABCDEFGHJKMNPQRSTVWXYZ0",
                 to: &to,
@@ -213,6 +217,24 @@ mod tests {
         assert!(text.contains("text/plain") && text.contains("text/html"));
     }
 
+    #[test]
+    fn a_delivery_id_with_a_line_break_is_refused_rather_than_put_in_a_header() {
+        let to = EmailAddress::parse("ada@example.com").unwrap();
+        for id in ["dlv_x\r\nBcc: eve@evil.test", "dlv x", "<dlv>", ""] {
+            let err = build_message(
+                &from(),
+                &Email {
+                    delivery_id: id,
+                    to: &to,
+                    subject: "Hi",
+                    text: "body",
+                },
+            )
+            .unwrap_err();
+            assert_eq!(err.class, ErrorClass::Permanent, "{id:?}");
+        }
+    }
+
     #[tokio::test]
     async fn the_file_transport_writes_one_eml_per_delivery() {
         let dir = tempfile::tempdir().unwrap();
@@ -222,8 +244,10 @@ mod tests {
             },
             "Herald <herald@example.com>",
             Duration::from_secs(5),
+            None,
         )
         .unwrap();
+        assert_eq!(sender.smtp_security(), None);
         let to = EmailAddress::parse("ada@example.com").unwrap();
         sender
             .send(&Email {

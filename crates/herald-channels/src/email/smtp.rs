@@ -1,0 +1,643 @@
+//! SMTP delivery: lettre's SMTP client, driven one command at a time over a
+//! small connection pool of Herald's own, so that a failure is classified
+//! by how far the conversation got. (lettre's `AsyncSmtpTransport` runs
+//! MAIL … DATA in one call and cannot say whether the content had been sent
+//! when the connection broke, which is the difference between "nothing was
+//! accepted" and "the server may have accepted it".)
+//!
+//! # `HERALD_SMTP_URL`
+//!
+//! The forms lettre 0.11's `AsyncSmtpTransport::from_url` accepts, with the
+//! same meaning and default ports:
+//!
+//! | URL | connection | default port |
+//! |---|---|---|
+//! | `smtp://host[:port]` | plain text, no TLS (development, trusted networks) | 25 |
+//! | `smtp://host[:port]?tls=required` | STARTTLS; fails if the server does not offer it | 587 |
+//! | `smtp://host[:port]?tls=opportunistic` | STARTTLS if offered, else plain text (open to a man in the middle) | 587 |
+//! | `smtps://host[:port]` | implicit TLS from the first byte | 465 |
+//!
+//! `user:password@` before the host turns on AUTH (PLAIN, or LOGIN when the
+//! server offers only that); percent-encode reserved characters
+//! (`p%40ss` for `p@ss`). A user without a password is refused. A path
+//! (`smtps://host/mx1.example.com`) sets the EHLO name (default: this
+//! machine's host name). TLS trusts the Mozilla roots (webpki-roots) plus
+//! every certificate in `HERALD_SMTP_CA_FILE`. The URL, and the password
+//! above all, is never logged nor echoed in an error.
+//!
+//! # How a failed send is classified
+//!
+//! | where | what happened | class | `provider_status` |
+//! |---|---|---|---|
+//! | connect, TLS, greeting, EHLO, STARTTLS | refused, reset, TLS failure, any reply | Transient | reply code, if any |
+//! | AUTH | rejected (535 …), no common mechanism | Transient | reply code |
+//! | MAIL FROM, RCPT TO, DATA | 4xx | Transient | 4xx |
+//! | MAIL FROM, RCPT TO, DATA | 5xx | Permanent | 5xx |
+//! | MAIL FROM, RCPT TO, DATA | connection lost | Transient | — |
+//! | after the content was sent | 4xx / 5xx | Transient / Permanent | the code |
+//! | after the content was sent | connection lost | **Ambiguous** | — |
+//! | timeout before the content was sent | | Transient | — |
+//! | timeout once the content was being sent | | **Ambiguous** | — |
+//! | a non-ASCII address, server without SMTPUTF8 | | Permanent | — |
+//!
+//! "The content was sent" starts when the server answers `354` to DATA:
+//! from then on it may end up with the whole message, so a broken or silent
+//! connection means it may have accepted it (a retry may duplicate it; the
+//! `Message-ID` lets the receiver drop the copy).
+//!
+//! A rejected AUTH is Transient, not Permanent: a wrong password is the
+//! operator's mistake, true of every message, not of this one. Retrying on
+//! the schedule gives the operator hours to fix `HERALD_SMTP_URL` before
+//! deliveries are dead-lettered (and dead letters can be replayed), instead
+//! of failing every delivery for good. The same holds for session-level
+//! 5xx replies (EHLO, STARTTLS).
+//!
+//! # Timeout
+//!
+//! One `tokio::time::timeout` (`HERALD_SEND_TIMEOUT_SECS`) bounds the whole
+//! send, including a fresh connection and a retry on a stale pooled one.
+//! When it fires the connection is dropped, never reused.
+//!
+//! # Pool
+//!
+//! Up to 16 idle connections are kept for 30 s; each send takes the most
+//! recently used one or opens a new one (concurrency is bounded by the
+//! worker). A pooled connection the server has meanwhile closed fails at
+//! MAIL FROM, before anything was sent: that send moves to a fresh
+//! connection once, within the same deadline. A connection that saw any
+//! error is closed (with QUIT when it is still healthy), never reused.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use herald_core::ErrorClass;
+use herald_core::validate::mask_email;
+use lettre::Message;
+use lettre::address::Envelope;
+use lettre::transport::smtp::Error as SmtpError;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+
+use super::EmailSetupError;
+use crate::SendError;
+
+/// Idle connections kept for reuse.
+const MAX_IDLE: usize = 16;
+/// How long an idle connection is kept; well under the usual server-side
+/// idle limits (Postfix: 300 s), so most pooled connections are still open.
+const IDLE_FOR: Duration = Duration::from_secs(30);
+/// Bound on the courtesy QUIT when a connection is retired.
+const QUIT_WITHIN: Duration = Duration::from_secs(5);
+
+/// How the connection to the SMTP server is secured (from the URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// `smtp://`: no TLS.
+    Plain,
+    /// `smtp://…?tls=opportunistic`: STARTTLS when the server offers it.
+    StartTlsOpportunistic,
+    /// `smtp://…?tls=required`: STARTTLS, or no send.
+    StartTls,
+    /// `smtps://`: TLS from the first byte.
+    Tls,
+}
+
+impl SmtpSecurity {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "none",
+            Self::StartTlsOpportunistic => "starttls-opportunistic",
+            Self::StartTls => "starttls",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// What `HERALD_SMTP_URL` says.
+struct Endpoint {
+    host: String,
+    port: u16,
+    security: SmtpSecurity,
+    /// User and password, percent-decoded.
+    credentials: Option<(String, String)>,
+    hello: ClientId,
+}
+
+/// Parses the URL; errors never quote it.
+fn parse_url(raw: &str) -> Result<Endpoint, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{e} (e.g. smtp://mail.internal:25)"))?;
+    let tls = url.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
+    let (security, default_port) = match (url.scheme(), tls.as_deref()) {
+        ("smtp", None) => (SmtpSecurity::Plain, 25),
+        ("smtp", Some("required")) => (SmtpSecurity::StartTls, 587),
+        ("smtp", Some("opportunistic")) => (SmtpSecurity::StartTlsOpportunistic, 587),
+        ("smtps", _) => (SmtpSecurity::Tls, 465),
+        ("smtp", Some(_)) => return Err("the `tls` parameter must be `required` or `opportunistic`".into()),
+        _ => return Err("the scheme must be smtp:// or smtps://".into()),
+    };
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err("it names no host".into()),
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| "its credentials are not UTF-8 once percent-decoded".to_owned())
+    };
+    let credentials = match (url.username(), url.password()) {
+        ("", None) => None,
+        (user, Some(password)) => Some((decode(user)?, decode(password)?)),
+        (_, None) => return Err("it names a user but no password (smtp://user:password@host)".into()),
+    };
+    let name = url.path().trim_matches('/');
+    let hello = if name.is_empty() {
+        ClientId::default()
+    } else {
+        ClientId::Domain(name.to_owned())
+    };
+    Ok(Endpoint {
+        host,
+        port: url.port().unwrap_or(default_port),
+        security,
+        credentials,
+        hello,
+    })
+}
+
+/// TLS settings for `host`: the Mozilla roots plus the CA file's.
+fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, EmailSetupError> {
+    let mut builder = TlsParameters::builder(host.to_owned());
+    if let Some(path) = ca_file {
+        let ca_error = |m: String| EmailSetupError::CaFile(path.display().to_string(), m);
+        let pem = std::fs::read(path).map_err(|e| ca_error(format!("cannot be read: {e}")))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(ca_error("holds no PEM certificate".into()));
+        }
+        let certs = Certificate::from_pem(&pem).map_err(|e| ca_error(format!("is not valid PEM: {e}")))?;
+        builder = builder.add_root_certificate(certs);
+        return builder
+            .build_rustls()
+            .map_err(|e| ca_error(format!("cannot be used: {e}")));
+    }
+    builder
+        .build_rustls()
+        .map_err(|e| EmailSetupError::SmtpUrl(format!("TLS cannot be set up: {e}")))
+}
+
+/// How far a conversation got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stage {
+    Connect,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    /// The server said 354: the content is on its way, or arrived.
+    Content,
+}
+
+impl Stage {
+    const ALL: [Self; 6] = [
+        Self::Connect,
+        Self::Auth,
+        Self::Mail,
+        Self::Rcpt,
+        Self::Data,
+        Self::Content,
+    ];
+
+    const fn describe(self) -> &'static str {
+        match self {
+            Self::Connect => "connecting",
+            Self::Auth => "AUTH",
+            Self::Mail => "MAIL FROM",
+            Self::Rcpt => "RCPT TO",
+            Self::Data => "DATA",
+            Self::Content => "the message content",
+        }
+    }
+}
+
+/// The stage, readable after the timeout has dropped the conversation.
+struct Progress(AtomicU8);
+
+impl Progress {
+    fn new() -> Self {
+        Self(AtomicU8::new(Stage::Connect as u8))
+    }
+
+    fn set(&self, stage: Stage) {
+        self.0.store(stage as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Stage {
+        let n = self.0.load(Ordering::Relaxed);
+        // Only `set` writes it, always from a Stage.
+        Stage::ALL.into_iter().find(|s| *s as u8 == n).unwrap_or(Stage::Content)
+    }
+}
+
+enum Failure {
+    Smtp(Stage, SmtpError),
+    TimedOut(Stage),
+    /// The server lacks an extension this message needs.
+    Unsupported(&'static str),
+}
+
+struct Idle {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// A pooled SMTP client for one server.
+pub(crate) struct SmtpTransport {
+    host: String,
+    port: u16,
+    security: SmtpSecurity,
+    /// `Some` unless the security is `Plain`.
+    tls: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    /// Kept only to scrub it from error text, should a server echo it.
+    password: Option<String>,
+    hello: ClientId,
+    timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl fmt::Debug for SmtpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpTransport")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("auth", &self.credentials.is_some())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpTransport {
+    pub(crate) fn new(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<Self, EmailSetupError> {
+        let endpoint = parse_url(url).map_err(EmailSetupError::SmtpUrl)?;
+        let tls = match endpoint.security {
+            SmtpSecurity::Plain => None,
+            _ => Some(tls_parameters(&endpoint.host, ca_file)?),
+        };
+        if endpoint.credentials.is_some()
+            && matches!(
+                endpoint.security,
+                SmtpSecurity::Plain | SmtpSecurity::StartTlsOpportunistic
+            )
+        {
+            tracing::warn!("HERALD_SMTP_URL has credentials but does not require TLS: the password may cross in clear");
+        }
+        Ok(Self {
+            host: endpoint.host,
+            port: endpoint.port,
+            security: endpoint.security,
+            tls,
+            credentials: endpoint
+                .credentials
+                .as_ref()
+                .map(|(user, password)| Credentials::new(user.clone(), password.clone())),
+            password: endpoint.credentials.map(|(_, password)| password),
+            hello: endpoint.hello,
+            timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn security(&self) -> SmtpSecurity {
+        self.security
+    }
+
+    /// Sends one message, the whole conversation bounded by the timeout.
+    pub(crate) async fn send(&self, delivery_id: &str, message: &Message) -> Result<(), SendError> {
+        let progress = Progress::new();
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(self.timeout, self.converse(message, &progress)).await {
+            Ok(outcome) => outcome,
+            // The conversation (and its connection) has been dropped.
+            Err(_) => Err(Failure::TimedOut(progress.get())),
+        };
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(delivery_id, elapsed_ms, "SMTP server accepted the message");
+                Ok(())
+            }
+            Err(failure) => {
+                let err = self.classify(failure, message.envelope());
+                tracing::debug!(
+                    delivery_id,
+                    elapsed_ms,
+                    class = %err.class,
+                    status = ?err.provider_status,
+                    "SMTP send failed"
+                );
+                Err(err)
+            }
+        }
+    }
+
+    async fn converse(&self, message: &Message, progress: &Progress) -> Result<(), Failure> {
+        let raw = message.formatted();
+        let envelope = message.envelope();
+        if let Some(conn) = self.checkout() {
+            match self.transact(conn, envelope, &raw, progress).await {
+                // Closed by the server while idle (no reply, or 421 "closing"):
+                // nothing was sent, so a fresh connection may take over.
+                Err(Failure::Smtp(Stage::Mail, e)) if e.status().is_none_or(|c| u16::from(c) == 421) => {
+                    tracing::debug!("pooled SMTP connection had gone stale; opening a new one");
+                }
+                outcome => return outcome,
+            }
+        }
+        let conn = self.connect(progress).await?;
+        self.transact(conn, envelope, &raw, progress).await
+    }
+
+    async fn connect(&self, progress: &Progress) -> Result<AsyncSmtpConnection, Failure> {
+        progress.set(Stage::Connect);
+        let at_connect = |e| Failure::Smtp(Stage::Connect, e);
+        let implicit_tls = match self.security {
+            SmtpSecurity::Tls => self.tls.clone(),
+            _ => None,
+        };
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            (self.host.as_str(), self.port),
+            Some(self.timeout),
+            &self.hello,
+            implicit_tls,
+            None,
+        )
+        .await
+        .map_err(at_connect)?;
+        match (self.security, &self.tls) {
+            (SmtpSecurity::StartTls, Some(tls)) => conn.starttls(tls.clone(), &self.hello).await.map_err(at_connect)?,
+            (SmtpSecurity::StartTlsOpportunistic, Some(tls)) if conn.can_starttls() => {
+                conn.starttls(tls.clone(), &self.hello).await.map_err(at_connect)?;
+            }
+            _ => {}
+        }
+        if let Some(credentials) = &self.credentials {
+            progress.set(Stage::Auth);
+            if let Err(e) = conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials).await {
+                retire(conn);
+                return Err(Failure::Smtp(Stage::Auth, e));
+            }
+        }
+        tracing::debug!(
+            security = self.security.as_str(),
+            encrypted = conn.is_encrypted(),
+            "opened an SMTP connection"
+        );
+        Ok(conn)
+    }
+
+    /// MAIL, RCPT, DATA and the content on `conn`; the connection goes back
+    /// to the pool only if all of it succeeded.
+    async fn transact(
+        &self,
+        mut conn: AsyncSmtpConnection,
+        envelope: &Envelope,
+        raw: &[u8],
+        progress: &Progress,
+    ) -> Result<(), Failure> {
+        let mut options = Vec::new();
+        let non_ascii_address = envelope
+            .to()
+            .iter()
+            .chain(envelope.from())
+            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if non_ascii_address {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                self.checkin(conn);
+                return Err(Failure::Unsupported("SMTPUTF8"));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        // lettre's builder encodes every part as 7-bit; this is for safety.
+        if !raw.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                self.checkin(conn);
+                return Err(Failure::Unsupported("8BITMIME"));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+
+        progress.set(Stage::Mail);
+        if let Err(e) = conn.command(Mail::new(envelope.from().cloned(), options)).await {
+            return Err(fail(conn, Stage::Mail, e));
+        }
+        progress.set(Stage::Rcpt);
+        for to in envelope.to() {
+            if let Err(e) = conn.command(Rcpt::new(to.clone(), vec![])).await {
+                return Err(fail(conn, Stage::Rcpt, e));
+            }
+        }
+        progress.set(Stage::Data);
+        if let Err(e) = conn.command(Data).await {
+            return Err(fail(conn, Stage::Data, e));
+        }
+        progress.set(Stage::Content);
+        if let Err(e) = conn.message(raw).await {
+            return Err(fail(conn, Stage::Content, e));
+        }
+        self.checkin(conn);
+        Ok(())
+    }
+
+    fn checkout(&self) -> Option<AsyncSmtpConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(parked) = idle.pop() {
+            if parked.since.elapsed() < IDLE_FOR && !parked.conn.has_broken() {
+                return Some(parked.conn);
+            }
+            retire(parked.conn);
+        }
+        None
+    }
+
+    fn checkin(&self, conn: AsyncSmtpConnection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE && !conn.has_broken() {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        } else {
+            drop(idle);
+            retire(conn);
+        }
+    }
+
+    fn classify(&self, failure: Failure, envelope: &Envelope) -> SendError {
+        let timeout = self.timeout;
+        let err = match failure {
+            Failure::TimedOut(Stage::Content) => SendError::new(
+                ErrorClass::Ambiguous,
+                format!("SMTP server did not answer the message content within {timeout:?}; it may have accepted it"),
+            ),
+            Failure::TimedOut(stage) => SendError::new(
+                ErrorClass::Transient,
+                format!(
+                    "SMTP server did not answer within {timeout:?} (at {}); nothing was accepted",
+                    stage.describe()
+                ),
+            ),
+            Failure::Unsupported(extension) => SendError::new(
+                ErrorClass::Permanent,
+                format!("SMTP server does not support {extension}, which this message needs"),
+            ),
+            Failure::Smtp(stage, e) => {
+                let code = e.status().map(u16::from);
+                let class = match (stage, code) {
+                    (_, Some(_)) if e.is_transient() => ErrorClass::Transient,
+                    // A 5xx about the session is the operator's to fix (see
+                    // the module docs); about the message, it is final.
+                    (Stage::Connect | Stage::Auth, _) => ErrorClass::Transient,
+                    (_, Some(_)) => ErrorClass::Permanent,
+                    (Stage::Content, None) => ErrorClass::Ambiguous,
+                    (_, None) => ErrorClass::Transient,
+                };
+                let message = match (stage, code) {
+                    (Stage::Connect, _) => format!("SMTP connection failed: {e}"),
+                    (Stage::Auth, _) => {
+                        format!("SMTP authentication failed: {e} (check the credentials in HERALD_SMTP_URL)")
+                    }
+                    (Stage::Content, Some(_)) => format!("SMTP server refused the message: {e}"),
+                    (Stage::Content, None) => format!(
+                        "SMTP connection lost after the message content was sent; it may have been accepted: {e}"
+                    ),
+                    (stage, Some(_)) => format!("SMTP server refused {}: {e}", stage.describe()),
+                    (stage, None) => {
+                        format!(
+                            "SMTP connection lost at {}: {e}; nothing was accepted",
+                            stage.describe()
+                        )
+                    }
+                };
+                let err = SendError::new(class, message);
+                match code {
+                    Some(code) => err.with_status(code),
+                    None => err,
+                }
+            }
+        };
+        SendError {
+            message: self.scrub(err.message.clone(), envelope),
+            ..err
+        }
+    }
+
+    /// Servers may quote the recipient in their replies; a password must
+    /// never get out, whatever a server says.
+    fn scrub(&self, mut message: String, envelope: &Envelope) -> String {
+        for to in envelope.to() {
+            let to: &str = to.as_ref();
+            message = message.replace(to, &mask_email(to));
+        }
+        if let Some(password) = self.password.as_deref().filter(|p| p.len() >= 4) {
+            message = message.replace(password, "***");
+        }
+        message
+    }
+}
+
+/// Closes a connection after an error: politely (QUIT) when the server
+/// answered, so it is still in step; at once when the connection broke.
+fn fail(conn: AsyncSmtpConnection, stage: Stage, e: SmtpError) -> Failure {
+    if e.status().is_some() {
+        retire(conn);
+    }
+    Failure::Smtp(stage, e)
+}
+
+/// Says QUIT and closes, off the send's path.
+fn retire(mut conn: AsyncSmtpConnection) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(QUIT_WITHIN, conn.abort()).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Endpoint {
+        parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    #[test]
+    fn the_url_forms_lettre_accepts_mean_the_same_here() {
+        let cases = [
+            ("smtp://mail.internal", SmtpSecurity::Plain, 25),
+            ("smtp://mail.internal:2525", SmtpSecurity::Plain, 2525),
+            ("smtp://mail.internal?tls=required", SmtpSecurity::StartTls, 587),
+            (
+                "smtp://mail.internal?tls=opportunistic",
+                SmtpSecurity::StartTlsOpportunistic,
+                587,
+            ),
+            ("smtps://smtp.example.com", SmtpSecurity::Tls, 465),
+            ("smtps://smtp.example.com:1465", SmtpSecurity::Tls, 1465),
+        ];
+        for (url, security, port) in cases {
+            let e = parse(url);
+            assert_eq!((e.security, e.port), (security, port), "{url}");
+            assert!(e.credentials.is_none());
+        }
+        let e = parse("smtps://ada%40example.com:p%40ss%3Aw%2Frd@127.0.0.1:465/mx1.example.com");
+        assert_eq!(e.host, "127.0.0.1");
+        assert_eq!(
+            e.credentials,
+            Some(("ada@example.com".to_owned(), "p@ss:w/rd".to_owned()))
+        );
+        assert_eq!(e.hello, ClientId::Domain("mx1.example.com".to_owned()));
+        assert_eq!(parse("smtp://[::1]:25").host, "::1");
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_quoting_it() {
+        for url in [
+            "http://user:hunter22@mx.corp.test",
+            "smtp://user:hunter22@mx.corp.test?tls=yes",
+            "smtp://user@mx.corp.test",
+            "smtp://user:hunter22@:25",
+            "user:hunter22@mx.corp.test",
+        ] {
+            let message = parse_url(url).err().unwrap_or_else(|| panic!("{url} was accepted"));
+            assert!(
+                !message.contains("hunter22") && !message.contains("mx.corp.test"),
+                "{message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_ca_file_names_the_variable() {
+        let err = SmtpTransport::new(
+            "smtps://127.0.0.1:465",
+            Some(Path::new("/nonexistent/ca.pem")),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("HERALD_SMTP_CA_FILE"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let err = SmtpTransport::new("smtps://127.0.0.1:465", Some(&path), Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+}
