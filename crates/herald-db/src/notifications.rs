@@ -92,14 +92,17 @@ where
         d_max.push(d.max_attempts);
         d_req.push(d.requested);
     }
-    let rows: Vec<(
-        String,
-        Option<DateTime<Utc>>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    )> = sqlx::query_as(
+    /// One row per notification (`created_at` set) and per delivery.
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        ntf: String,
+        created_at: Option<DateTime<Utc>>,
+        d_id: Option<String>,
+        channel: Option<String>,
+        status: Option<String>,
+        reason: Option<String>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
         "WITH input AS (
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
                                       $7::TEXT[], $8::JSONB[], $9::TEXT[])
@@ -133,7 +136,7 @@ where
                  FROM wanted WHERE requested OR reason IS NULL
                  RETURNING id, notification_id, channel, status, skip_reason
              )
-             SELECT n.id, n.created_at, NULL, NULL, NULL, NULL FROM n
+             SELECT n.id AS ntf, n.created_at, NULL AS d_id, NULL AS channel, NULL AS status, NULL AS reason FROM n
              UNION ALL
              SELECT d.notification_id, NULL, d.id, d.channel, d.status, d.skip_reason FROM d",
     )
@@ -165,7 +168,15 @@ where
             deliveries: Vec::new(),
         })
         .collect();
-    for (ntf, created_at, d_id, channel, status, reason) in rows {
+    for Row {
+        ntf,
+        created_at,
+        d_id,
+        channel,
+        status,
+        reason,
+    } in rows
+    {
         let Some(&i) = index.get(ntf.as_str()) else { continue };
         match (created_at, d_id, channel, status) {
             (Some(at), ..) => out[i].created_at = at,
