@@ -2,7 +2,7 @@
 //! duplicate job or a stale worker can neither send twice nor move a
 //! status backwards.
 
-use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, record_attempt};
+use herald_db::deliveries::{AttemptResult, NextState, Recorded, claim_deliveries, claim_delivery, record_attempt};
 use herald_testkit::TestDb;
 
 async fn one_queued_delivery(db: &TestDb) -> String {
@@ -32,9 +32,9 @@ async fn one_queued_delivery(db: &TestDb) -> String {
     dlv
 }
 
-fn result<'a>(id: &'a str, attempt: i32, next: NextState, outcome: &'static str) -> AttemptResult<'a> {
+fn result(id: &str, attempt: i32, next: NextState, outcome: &'static str) -> AttemptResult {
     AttemptResult {
-        delivery_id: id,
+        delivery_id: id.to_owned(),
         attempt,
         next,
         outcome,
@@ -60,11 +60,12 @@ async fn a_duplicate_job_cannot_claim_a_delivery_twice() {
     assert_eq!(first.map(|c| c.attempt), Some(1));
     // The same job again (Redis redelivered it, or the sweeper pushed a copy).
     assert!(claim_delivery(&db.pool, &id, 0, 30.0, "w2").await.unwrap().is_none());
-    assert!(
+    assert!(matches!(
         record_attempt(&db.pool, &result(&id, 1, NextState::Delivered, "delivered"))
             .await
-            .unwrap()
-    );
+            .unwrap(),
+        Recorded::Moved { .. }
+    ));
     // A late copy after it finished changes nothing.
     assert!(claim_delivery(&db.pool, &id, 0, 30.0, "w3").await.unwrap().is_none());
     assert!(claim_delivery(&db.pool, &id, 1, 30.0, "w3").await.unwrap().is_none());
@@ -85,14 +86,15 @@ async fn a_stale_worker_cannot_overwrite_a_newer_attempt_or_move_a_status_back()
     // Worker B takes attempt 2 and succeeds.
     let b = claim_delivery(&db.pool, &id, 1, 30.0, "fresh").await.unwrap().unwrap();
     assert_eq!(b.attempt, 2);
-    assert!(
+    assert!(matches!(
         record_attempt(&db.pool, &result(&id, 2, NextState::Sent, "sent"))
             .await
-            .unwrap()
-    );
+            .unwrap(),
+        Recorded::Moved { .. }
+    ));
     // Worker A wakes up and reports a failure for attempt 1: not applied.
     let late = result(&id, 1, NextState::Failed, "permanent");
-    assert!(!record_attempt(&db.pool, &late).await.unwrap());
+    assert_eq!(record_attempt(&db.pool, &late).await.unwrap(), Recorded::Stale);
     assert_eq!(status_of(&db, &id).await, ("sent".into(), 2));
     // Its attempt row still tells what happened at the provider.
     let outcomes: Vec<(i32, Option<String>)> =
@@ -102,5 +104,37 @@ async fn a_stale_worker_cannot_overwrite_a_newer_attempt_or_move_a_status_back()
             .await
             .unwrap();
     assert_eq!(outcomes, vec![(1, Some("permanent".into())), (2, Some("sent".into()))]);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn in_one_batch_a_stale_copy_of_a_job_does_not_shadow_the_current_one() {
+    let db = TestDb::new().await;
+    let id = one_queued_delivery(&db).await;
+    // Attempt 1 is claimed and fails; the delivery waits for attempt 2.
+    claim_delivery(&db.pool, &id, 0, 30.0, "w").await.unwrap().unwrap();
+    let retry = result(
+        &id,
+        1,
+        NextState::Retrying {
+            after: std::time::Duration::ZERO,
+        },
+        "transient",
+    );
+    let recorded = record_attempt(&db.pool, &retry).await.unwrap();
+    assert!(
+        matches!(
+            recorded,
+            Recorded::Moved {
+                next_attempt_at: Some(_)
+            }
+        ),
+        "{recorded:?}"
+    );
+    // The old job (attempt 0), the current one (1) and a duplicate of it.
+    let jobs = vec![(id.clone(), 0), (id.clone(), 1), (id.clone(), 1)];
+    let claims = claim_deliveries(&db.pool, &jobs, 30.0, "w").await.unwrap();
+    let attempts: Vec<Option<i32>> = claims.iter().map(|c| c.as_ref().map(|c| c.attempt)).collect();
+    assert_eq!(attempts, vec![None, Some(2), None]);
     db.drop_db().await;
 }

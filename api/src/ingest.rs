@@ -1,13 +1,11 @@
 //! Group commit for accepting notifications.
 //!
 //! Each request hands its validated notification to the [`Ingestor`] and
-//! waits. A collector takes whatever requests are waiting (up to
-//! [`MAX_BATCH`]) and writes them in one statement — one round trip, one
-//! commit — then pushes their jobs to Redis in one pipeline and answers
-//! each request. Nothing is delayed on purpose: a lone request is a batch of
-//! one; under load, requests that arrive while a batch is being written form
-//! the next one. Every 2xx still means "committed": a request is answered
-//! only after the statement holding it committed.
+//! waits; a [`Batcher`] writes whatever requests are waiting (up to
+//! [`MAX_BATCH`]) in one statement — one round trip, one commit — then this
+//! module pushes their jobs to Redis in one pipeline and each request is
+//! answered. Every 2xx still means "committed": a request is answered only
+//! after the statement holding it committed.
 //!
 //! Postgres does most of the work per round trip, not per row, so this is
 //! what lifts ingest above the one-transaction-per-request ceiling
@@ -18,17 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use herald_core::{Channel, Priority};
 use herald_db::DbError;
+use herald_db::batch::Batcher;
 use herald_db::notifications::{Accepted, NewNotificationWithDeliveries};
 use herald_queue::{DeliveryJob, QueueClient, QueueName};
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Most notifications written by one statement.
 pub const MAX_BATCH: usize = 256;
 /// Batches written at the same time (each holds one connection).
 pub const MAX_IN_FLIGHT: usize = 4;
-/// Requests waiting for a batch before new ones wait for room.
-const QUEUE_DEPTH: usize = 8 * MAX_BATCH;
 
 /// What a request hands over: the rows to write, and what its jobs need.
 pub struct Submission {
@@ -36,15 +32,13 @@ pub struct Submission {
     pub priority: Priority,
 }
 
-type Reply = oneshot::Sender<Result<Accepted, Arc<DbError>>>;
-
 /// The handle requests use. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingestor {
-    tx: mpsc::Sender<(Submission, Reply)>,
+    batcher: Batcher<Submission, Accepted>,
 }
 
-/// What the collector and the enqueue step share with the rest of the API.
+/// What the ingest path writes to.
 #[derive(Clone)]
 pub struct Sinks {
     pub pool: PgPool,
@@ -57,65 +51,27 @@ impl Ingestor {
     /// Starts the collector on the current runtime.
     #[must_use]
     pub fn start(sinks: Sinks) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(collect(rx, sinks));
-        Self { tx }
+        let batcher = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |submissions: Vec<Submission>| {
+            let sinks = sinks.clone();
+            async move {
+                let items: Vec<NewNotificationWithDeliveries> = submissions.iter().map(|s| s.item.clone()).collect();
+                let accepted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
+                let jobs: Vec<_> = accepted
+                    .iter()
+                    .zip(&submissions)
+                    .map(|(a, s)| (a, s.priority, s.item.notification.request_id.as_deref()))
+                    .collect();
+                enqueue_accepted(&sinks, &jobs).await;
+                Ok(accepted)
+            }
+        });
+        Self { batcher }
     }
 
     /// Writes one notification as part of the next batch; returns once it
     /// is committed (and its jobs pushed, if Redis is up).
     pub async fn accept(&self, submission: Submission) -> Result<Accepted, Arc<DbError>> {
-        let (reply, answer) = oneshot::channel();
-        let gone = || Arc::new(DbError::Other(sqlx::Error::WorkerCrashed));
-        self.tx.send((submission, reply)).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-}
-
-async fn collect(mut rx: mpsc::Receiver<(Submission, Reply)>, sinks: Sinks) {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        // Waiting for a free slot first lets requests pile up meanwhile,
-        // so a busy API writes big batches and an idle one writes at once.
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let sinks = sinks.clone();
-        tokio::spawn(async move {
-            write_batch(&sinks, batch).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn write_batch(sinks: &Sinks, batch: Vec<(Submission, Reply)>) {
-    let (submissions, replies): (Vec<Submission>, Vec<Reply>) = batch.into_iter().unzip();
-    let items: Vec<NewNotificationWithDeliveries> = submissions.iter().map(|s| s.item.clone()).collect();
-    match herald_db::notifications::insert_notifications(&sinks.pool, &items).await {
-        Ok(accepted) => {
-            let jobs: Vec<_> = accepted
-                .iter()
-                .zip(&submissions)
-                .map(|(a, s)| (a, s.priority, s.item.notification.request_id.as_deref()))
-                .collect();
-            enqueue_accepted(sinks, &jobs).await;
-            for (reply, a) in replies.into_iter().zip(accepted) {
-                let _ = reply.send(Ok(a));
-            }
-        }
-        Err(e) => {
-            let e = Arc::new(e);
-            for reply in replies {
-                let _ = reply.send(Err(Arc::clone(&e)));
-            }
-        }
+        self.batcher.submit(submission).await
     }
 }
 

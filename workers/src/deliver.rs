@@ -9,7 +9,9 @@ use herald_channels::email::{Email, EmailSender};
 use herald_channels::push::{PushMessage, PushSender, Target};
 use herald_core::validate::mask_email;
 use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
-use herald_db::deliveries::{AttemptResult, ClaimedDelivery, NextState};
+use herald_db::batch::Batcher;
+use herald_db::deliveries::{AttemptResult, ClaimedDelivery, NextState, Recorded};
+use herald_db::users::Device;
 use herald_queue::{DeliveryJob, QueueClient, QueueName, WorkerId};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -33,6 +35,65 @@ pub struct Deliverer {
     pub retry: RetryPolicy,
     pub lease: Duration,
     pub send_timeout: Duration,
+    batches: Batches,
+}
+
+/// Concurrent jobs share their round trips to Postgres: a worker with 64
+/// deliveries in flight claims them in a few statements, not 64.
+struct Batches {
+    claims: Batcher<(String, i32), Option<ClaimedDelivery>>,
+    records: Batcher<AttemptResult, Recorded>,
+    inbox: Batcher<String, ()>,
+    devices: Batcher<String, Vec<Device>>,
+}
+
+/// Most items in one batched statement.
+const MAX_BATCH: usize = 256;
+/// Statements of one kind running at once.
+const MAX_IN_FLIGHT: usize = 2;
+
+impl Batches {
+    fn start(pool: &PgPool, worker_id: &WorkerId, lease: Duration) -> Self {
+        let p = pool.clone();
+        let (w, lease_secs) = (worker_id.to_string(), lease.as_secs_f64());
+        let claims = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
+            let (p, w) = (p.clone(), w.clone());
+            async move { herald_db::deliveries::claim_deliveries(&p, &jobs, lease_secs, &w).await }
+        });
+        let p = pool.clone();
+        let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |results: Vec<AttemptResult>| {
+            let p = p.clone();
+            async move { herald_db::deliveries::record_attempts(&p, &results).await }
+        });
+        let p = pool.clone();
+        let inbox = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |ids: Vec<String>| {
+            let p = p.clone();
+            async move {
+                herald_db::deliveries::insert_inbox_items(&p, &ids).await?;
+                Ok(vec![(); ids.len()])
+            }
+        });
+        let p = pool.clone();
+        let devices = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |users: Vec<String>| {
+            let p = p.clone();
+            async move { herald_db::users::active_devices_of(&p, &users).await }
+        });
+        Self {
+            claims,
+            records,
+            inbox,
+            devices,
+        }
+    }
+}
+
+/// A batch failed for all its items: the job goes back to the queue.
+fn shared(e: &herald_db::DbError) -> DeliverError {
+    DeliverError::Db(if e.is_unavailable() {
+        herald_db::DbError::Unavailable(sqlx::Error::PoolTimedOut)
+    } else {
+        herald_db::DbError::Other(sqlx::Error::Protocol(e.to_string()))
+    })
 }
 
 /// How sending went, before it is turned into a state.
@@ -54,6 +115,30 @@ pub enum DeliverError {
 }
 
 impl Deliverer {
+    /// Builds the deliverer and starts its batchers (on the current runtime).
+    #[must_use]
+    pub fn new(
+        pool: PgPool,
+        queue: QueueClient,
+        worker_id: WorkerId,
+        sender: Sender,
+        retry: RetryPolicy,
+        lease: Duration,
+        send_timeout: Duration,
+    ) -> Self {
+        let batches = Batches::start(&pool, &worker_id, lease);
+        Self {
+            pool,
+            queue,
+            worker_id,
+            sender,
+            retry,
+            lease,
+            send_timeout,
+            batches,
+        }
+    }
+
     /// Handles one job. `Ok` acknowledges it; `Err` hands it back to the
     /// queue (only for infrastructure failures: provider failures are
     /// outcomes, recorded and scheduled in Postgres).
@@ -70,14 +155,12 @@ impl Deliverer {
 
     async fn deliver_inner(&self, job: &DeliveryJob) -> Result<(), DeliverError> {
         let id = job.delivery_id.to_string();
-        let Some(claimed) = herald_db::deliveries::claim_delivery(
-            &self.pool,
-            &id,
-            job.attempt,
-            self.lease.as_secs_f64(),
-            self.worker_id.as_str(),
-        )
-        .await?
+        let Some(claimed) = self
+            .batches
+            .claims
+            .submit((id, job.attempt))
+            .await
+            .map_err(|e| shared(&e))?
         else {
             // Already claimed, finished or cancelled: a duplicate or stale job.
             tracing::debug!("job is stale; nothing to do");
@@ -127,7 +210,12 @@ impl Deliverer {
                 }
             }
             Sender::Push(sender) => {
-                let devices = herald_db::users::active_devices(&self.pool, &d.user_id).await?;
+                let devices = self
+                    .batches
+                    .devices
+                    .submit(d.user_id.clone())
+                    .await
+                    .map_err(|e| shared(&e))?;
                 if devices.is_empty() {
                     return Ok(Sent::Skipped("user has no active push device".into()));
                 }
@@ -174,7 +262,11 @@ impl Deliverer {
                 }
             }
             Sender::InApp => {
-                herald_db::deliveries::insert_inbox_item(&self.pool, &d.notification_id).await?;
+                self.batches
+                    .inbox
+                    .submit(d.notification_id.clone())
+                    .await
+                    .map_err(|e| shared(&e))?;
                 tracing::info!("in-app message delivered to the inbox");
                 // Live clients hear of it at once; one that misses it (pub/sub
                 // keeps nothing) finds the item in its inbox.
@@ -214,10 +306,8 @@ impl Deliverer {
                 } else if d.attempt >= d.max_attempts {
                     NextState::Dead
                 } else {
-                    let wait = self.retry.delay_after(attempt, e.retry_after);
-                    let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
                     NextState::Retrying {
-                        at: chrono::Utc::now() + wait,
+                        after: self.retry.delay_after(attempt, e.retry_after),
                     }
                 };
                 tracing::warn!(class = %e.class, error = %e.message, next = ?next, "attempt failed");
@@ -230,27 +320,30 @@ impl Deliverer {
                 )
             }
         };
-        let moved = herald_db::deliveries::record_attempt(
-            &self.pool,
-            &AttemptResult {
-                delivery_id: &d.id,
+        let recorded = self
+            .batches
+            .records
+            .submit(AttemptResult {
+                delivery_id: d.id.clone(),
                 attempt: d.attempt,
-                next: next.clone(),
+                next,
                 outcome,
                 provider_status,
                 error,
                 detail,
-            },
-        )
-        .await?;
-        if !moved {
-            // The lease lapsed and the sweeper (or a newer attempt) took over:
-            // this result must not overwrite theirs.
-            tracing::warn!("result not applied: the delivery moved on while this attempt ran");
-            return Ok(());
-        }
-        if let NextState::Retrying { at } = next {
-            self.schedule_retry(d, at).await;
+            })
+            .await
+            .map_err(|e| shared(&e))?;
+        match recorded {
+            Recorded::Stale => {
+                // The lease lapsed and the sweeper (or a newer attempt) took
+                // over: this result must not overwrite theirs.
+                tracing::warn!("result not applied: the delivery moved on while this attempt ran");
+            }
+            Recorded::Moved {
+                next_attempt_at: Some(at),
+            } => self.schedule_retry(d, at).await,
+            Recorded::Moved { next_attempt_at: None } => {}
         }
         Ok(())
     }

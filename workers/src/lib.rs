@@ -70,18 +70,16 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let worker_id = WorkerId::generate(role(channel));
     let queue_cfg = QueueConfig::from_settings(settings);
-    let deliverer = Arc::new(Deliverer {
+    let retry = settings.retry_for(channel.as_str());
+    let deliverer = Arc::new(Deliverer::new(
         pool,
-        queue: QueueClient::new(queue_cfg.clone()).context("REDIS_URL")?,
-        worker_id: worker_id.clone(),
-        sender: sender_for(settings, channel)?,
-        retry: {
-            let r = settings.retry_for(channel.as_str());
-            RetryPolicy::new(r.min, r.max)
-        },
-        lease: settings.lease,
-        send_timeout: settings.send_timeout,
-    });
+        QueueClient::new(queue_cfg.clone()).context("REDIS_URL")?,
+        worker_id.clone(),
+        sender_for(settings, channel)?,
+        RetryPolicy::new(retry.min, retry.max),
+        settings.lease,
+        settings.send_timeout,
+    ));
     let backend = RedisBackend::new(queue_cfg, QueueName::for_channel(channel).to_vec(), worker_id.clone())
         .context("REDIS_URL")?;
     tracing::info!(%worker_id, channel = %channel, concurrency = settings.worker_concurrency, "worker started");

@@ -39,12 +39,36 @@ pub async fn claim_delivery(
     lease_secs: f64,
     worker_id: &str,
 ) -> Result<Option<ClaimedDelivery>> {
-    Ok(sqlx::query_as(
-        "WITH c AS (
-             UPDATE deliveries SET status = 'sending', attempt = attempt + 1,
+    let claim = (delivery_id.to_owned(), expected_attempt);
+    Ok(
+        claim_deliveries(pool, std::slice::from_ref(&claim), lease_secs, worker_id)
+            .await?
+            .pop()
+            .flatten(),
+    )
+}
+
+/// [`claim_delivery`] for many jobs in one statement; one answer per job,
+/// in order. Of two identical jobs in a batch only the first claims.
+pub async fn claim_deliveries(
+    pool: &PgPool,
+    jobs: &[(String, i32)],
+    lease_secs: f64,
+    worker_id: &str,
+) -> Result<Vec<Option<ClaimedDelivery>>> {
+    let ids: Vec<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|(_, a)| *a).collect();
+    // An UPDATE … FROM with duplicate join rows updates the row once, using
+    // a row that passes the WHERE, so a stale duplicate cannot shadow the
+    // job that holds the right attempt number.
+    let claimed: Vec<ClaimedDelivery> = sqlx::query_as(
+        "WITH j AS (
+             SELECT * FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
+         ), c AS (
+             UPDATE deliveries d SET status = 'sending', attempt = d.attempt + 1,
                  lease_until = now() + make_interval(secs => $3), next_attempt_at = NULL, updated_at = now()
-             WHERE id = $1 AND attempt = $2 AND status IN ('queued', 'retrying')
-             RETURNING id, notification_id, user_id, channel, priority, attempt, max_attempts
+             FROM j WHERE d.id = j.id AND d.attempt = j.attempt AND d.status IN ('queued', 'retrying')
+             RETURNING d.id, d.notification_id, d.user_id, d.channel, d.priority, d.attempt, d.max_attempts
          ), a AS (
              INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at)
              SELECT id, attempt, $4, now() FROM c
@@ -55,12 +79,21 @@ pub async fn claim_delivery(
          FROM c JOIN notifications n ON n.id = c.notification_id
          LEFT JOIN users u ON u.id = c.user_id",
     )
-    .bind(delivery_id)
-    .bind(expected_attempt)
+    .bind(&ids)
+    .bind(&attempts)
     .bind(lease_secs)
     .bind(worker_id)
-    .fetch_optional(pool)
-    .await?)
+    .fetch_all(pool)
+    .await?;
+    let mut by_id: std::collections::HashMap<String, ClaimedDelivery> =
+        claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
+    Ok(jobs
+        .iter()
+        .map(|(id, attempt)| match by_id.get(id) {
+            Some(c) if c.attempt == attempt + 1 => by_id.remove(id),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Where an attempt leaves the delivery.
@@ -71,9 +104,11 @@ pub enum NextState {
     Skipped {
         reason: String,
     },
-    /// A new attempt at `at`; the caller enqueues its job after this commits.
+    /// A new attempt this long from now (by the database's clock, like
+    /// every other timestamp); the caller enqueues its job for
+    /// [`Recorded::next_attempt_at`] after this commits.
     Retrying {
-        at: DateTime<Utc>,
+        after: std::time::Duration,
     },
     Failed,
     Dead,
@@ -94,12 +129,12 @@ impl NextState {
 
 /// How one attempt ended.
 #[derive(Debug, Clone)]
-pub struct AttemptResult<'a> {
-    pub delivery_id: &'a str,
+pub struct AttemptResult {
+    pub delivery_id: String,
     pub attempt: i32,
     pub next: NextState,
     /// `sent`, `delivered`, `skipped`, or an error class.
-    pub outcome: &'a str,
+    pub outcome: &'static str,
     pub provider_status: Option<i32>,
     /// Truncated, free of secrets.
     pub error: Option<String>,
@@ -109,66 +144,108 @@ pub struct AttemptResult<'a> {
 /// Longest error text kept per attempt.
 pub const MAX_ERROR_CHARS: usize = 1_000;
 
-/// Writes the attempt's row and moves the delivery on, if this attempt
-/// still owns it. Returns whether the delivery moved (false: a newer
-/// attempt or the sweeper got there first; the attempt row is still
-/// completed, because what happened at the provider is history).
-pub async fn record_attempt(pool: &PgPool, r: &AttemptResult<'_>) -> Result<bool> {
-    let error: Option<String> = r.error.as_ref().map(|e| e.chars().take(MAX_ERROR_CHARS).collect());
-    let error_class = match r.outcome {
-        "permanent" | "transient" | "rate_limited" | "ambiguous" => Some(r.outcome),
-        _ => None,
-    };
-    let next_at = match &r.next {
-        NextState::Retrying { at } => Some(*at),
-        _ => None,
-    };
-    let skip_reason = match &r.next {
-        NextState::Skipped { reason } => Some(reason.as_str()),
-        _ => None,
-    };
-    let moved: Option<String> = sqlx::query_scalar(
-        "WITH u AS (
-             UPDATE deliveries SET status = $3, lease_until = NULL, next_attempt_at = $4, updated_at = now(),
-                 skip_reason = COALESCE($5, skip_reason),
-                 last_error = COALESCE($6, last_error), last_error_class = COALESCE($7, last_error_class),
-                 last_provider_status = COALESCE($8, last_provider_status),
-                 sent_at = CASE WHEN $3 IN ('sent', 'delivered') THEN now() ELSE sent_at END,
-                 delivered_at = CASE WHEN $3 = 'delivered' THEN now() ELSE delivered_at END,
-                 finished_at = CASE WHEN $3 <> 'retrying' THEN now() ELSE NULL END
-             WHERE id = $1 AND attempt = $2 AND status = 'sending'
-             RETURNING id
-         ), a AS (
-             UPDATE delivery_attempts SET finished_at = now(), outcome = $9, provider_status = $8,
-                 error = $6, detail = $10
-             WHERE delivery_id = $1 AND attempt = $2
-         )
-         SELECT id FROM u",
-    )
-    .bind(r.delivery_id)
-    .bind(r.attempt)
-    .bind(r.next.status())
-    .bind(next_at)
-    .bind(skip_reason)
-    .bind(&error)
-    .bind(error_class)
-    .bind(r.provider_status)
-    .bind(r.outcome)
-    .bind(&r.detail)
-    .fetch_optional(pool)
-    .await?;
-    Ok(moved.is_some())
+/// What recording did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The delivery moved; for a retry, when its next attempt is due.
+    Moved { next_attempt_at: Option<DateTime<Utc>> },
+    /// A newer attempt or the sweeper got there first: nothing moved (the
+    /// attempt row is still completed, because what happened at the
+    /// provider is history).
+    Stale,
 }
 
-/// Writes the in-app inbox item for a notification. Idempotent: a retried
-/// attempt finds the item already there.
-pub async fn insert_inbox_item(pool: &PgPool, notification_id: &str) -> Result<()> {
+/// Writes the attempt's row and moves the delivery on, if this attempt
+/// still owns it.
+pub async fn record_attempt(pool: &PgPool, r: &AttemptResult) -> Result<Recorded> {
+    Ok(record_attempts(pool, std::slice::from_ref(r))
+        .await?
+        .pop()
+        .unwrap_or(Recorded::Stale))
+}
+
+/// [`record_attempt`] for many attempts in one statement; one answer each,
+/// in order.
+pub async fn record_attempts(pool: &PgPool, results: &[AttemptResult]) -> Result<Vec<Recorded>> {
+    let col = |f: fn(&AttemptResult) -> Option<String>| -> Vec<Option<String>> { results.iter().map(f).collect() };
+    let ids = col(|r| Some(r.delivery_id.clone()));
+    let statuses = col(|r| Some(r.next.status().to_owned()));
+    let skip = col(|r| match &r.next {
+        NextState::Skipped { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    let errors = col(|r| r.error.as_ref().map(|e| e.chars().take(MAX_ERROR_CHARS).collect()));
+    let classes = col(|r| match r.outcome {
+        "permanent" | "transient" | "rate_limited" | "ambiguous" => Some(r.outcome.to_owned()),
+        _ => None,
+    });
+    let outcomes = col(|r| Some(r.outcome.to_owned()));
+    let attempts: Vec<i32> = results.iter().map(|r| r.attempt).collect();
+    let after: Vec<Option<f64>> = results
+        .iter()
+        .map(|r| match r.next {
+            NextState::Retrying { after } => Some(after.as_secs_f64()),
+            _ => None,
+        })
+        .collect();
+    let provider: Vec<Option<i32>> = results.iter().map(|r| r.provider_status).collect();
+    let details: Vec<Option<&serde_json::Value>> = results.iter().map(|r| r.detail.as_ref()).collect();
+    let moved: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "WITH r AS (
+             SELECT * FROM UNNEST($1::TEXT[], $2::INT[], $3::TEXT[], $4::FLOAT8[], $5::TEXT[], $6::TEXT[],
+                                  $7::TEXT[], $8::INT[], $9::TEXT[], $10::JSONB[])
+                 AS r (id, attempt, status, after_secs, skip_reason, error, class, provider_status, outcome, detail)
+         ), u AS (
+             UPDATE deliveries d SET status = r.status, lease_until = NULL, updated_at = now(),
+                 next_attempt_at = now() + make_interval(secs => r.after_secs),
+                 skip_reason = COALESCE(r.skip_reason, d.skip_reason),
+                 last_error = COALESCE(r.error, d.last_error),
+                 last_error_class = COALESCE(r.class, d.last_error_class),
+                 last_provider_status = COALESCE(r.provider_status, d.last_provider_status),
+                 sent_at = CASE WHEN r.status IN ('sent', 'delivered') THEN now() ELSE d.sent_at END,
+                 delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
+                 finished_at = CASE WHEN r.status <> 'retrying' THEN now() ELSE NULL END
+             FROM r WHERE d.id = r.id AND d.attempt = r.attempt AND d.status = 'sending'
+             RETURNING d.id, d.attempt, d.next_attempt_at
+         ), a AS (
+             UPDATE delivery_attempts t SET finished_at = now(), outcome = r.outcome,
+                 provider_status = r.provider_status, error = r.error, detail = r.detail
+             FROM r WHERE t.delivery_id = r.id AND t.attempt = r.attempt
+         )
+         SELECT id, attempt, next_attempt_at FROM u",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&statuses)
+    .bind(&after)
+    .bind(&skip)
+    .bind(&errors)
+    .bind(&classes)
+    .bind(&provider)
+    .bind(&outcomes)
+    .bind(&details)
+    .fetch_all(pool)
+    .await?;
+    let mut by_id: std::collections::HashMap<(String, i32), Option<DateTime<Utc>>> =
+        moved.into_iter().map(|(id, a, next)| ((id, a), next)).collect();
+    Ok(results
+        .iter()
+        .map(|r| match by_id.remove(&(r.delivery_id.clone(), r.attempt)) {
+            Some(next_attempt_at) => Recorded::Moved { next_attempt_at },
+            None => Recorded::Stale,
+        })
+        .collect())
+}
+
+/// Writes the in-app inbox items of these notifications. Idempotent: a
+/// retried attempt finds its item already there.
+pub async fn insert_inbox_items(pool: &PgPool, notification_ids: &[String]) -> Result<()> {
     sqlx::query(
         "INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
-         SELECT id, user_id, category, title, body, data, created_at FROM notifications WHERE id = $1
+         SELECT id, user_id, category, title, body, data, created_at FROM notifications WHERE id = ANY($1)
          ON CONFLICT (notification_id) DO NOTHING",
     )
-    .bind(notification_id)
+    .bind(notification_ids)
     .execute(pool)
     .await?;
     Ok(())

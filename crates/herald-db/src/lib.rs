@@ -13,6 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub mod api_keys;
+pub mod batch;
 pub mod deliveries;
 pub mod notifications;
 pub mod sweep;

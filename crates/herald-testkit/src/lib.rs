@@ -57,7 +57,9 @@ async fn admin_pool(server: &str) -> PgPool {
 }
 
 /// The template's name follows the migrations, so a changed migration makes
-/// a new template instead of reusing a stale one.
+/// a new template instead of reusing a stale one. Old templates are left in
+/// place: another checkout (a branch with other migrations) may be running
+/// its tests against the same server and still need its own.
 fn template_name() -> String {
     let mut h = Sha256::new();
     for m in herald_db::MIGRATOR.iter() {
@@ -81,7 +83,9 @@ async fn ensure_template(admin: &PgPool, server: &str) -> String {
         .await
         .expect("query pg_database");
     if !exists {
-        let building = format!("{name}_building");
+        // Per process: a build in another process (another checkout with
+        // other migrations runs its own tests) never touches this one.
+        let building = format!("herald_tplbuild_{}", std::process::id());
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"))
             .execute(&mut *conn)
             .await
@@ -101,18 +105,6 @@ async fn ensure_template(admin: &PgPool, server: &str) -> String {
             .execute(&mut *conn)
             .await
             .expect("rename template");
-        // Old templates and databases left by crashed test runs.
-        let stale: Vec<String> =
-            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_tpl_%' AND datname <> $1")
-                .bind(&name)
-                .fetch_all(&mut *conn)
-                .await
-                .unwrap_or_default();
-        for db in stale {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                .execute(&mut *conn)
-                .await;
-        }
     }
     sqlx::query("SELECT pg_advisory_unlock(7262001)")
         .execute(&mut *conn)
