@@ -250,3 +250,81 @@ async fn a_rate_limited_push_is_not_retried_before_retry_after() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_provider_calls_unregistered_disables_the_device_until_it_registers_again() {
+    let fcm = FcmStandIn::start().await;
+    fcm.fail_token("tok-gone", Reply::fcm_unregistered());
+    let push = push_env(&[fcm.env()]);
+    let app = TestApp::spawn_with(Parts::all(), |env| {
+        quick_retries(env);
+        env.extend(push);
+    })
+    .await;
+    app.put_json("/v1/users/u_gone", &json!({})).await;
+    let register = json!({"platform": "android", "provider": "fcm", "token": "tok-gone"});
+    let (_, gone) = app.post_json("/v1/users/u_gone/devices", &register).await;
+    let (_, alive) = app
+        .post_json(
+            "/v1/users/u_gone/devices",
+            &json!({"platform": "android", "provider": "fcm", "token": "tok-alive"}),
+        )
+        .await;
+    let post = json!({"user_id": "u_gone", "channels": ["push"], "title": "Hi"});
+    let (_, b) = app.post_json("/v1/notifications", &post).await;
+    let (doc, _) = app.wait_final(b["id"].as_str().unwrap(), WAIT).await;
+    // One device took it: the delivery is sent, with per-device results.
+    let d = &doc["deliveries"][0];
+    assert_eq!(d["status"], "sent", "{doc}");
+    let detail: serde_json::Value = sqlx::query_scalar("SELECT detail FROM delivery_attempts WHERE delivery_id = $1")
+        .bind(d["id"].as_str().unwrap())
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        (detail["devices"].as_i64(), detail["succeeded"].as_i64()),
+        (Some(2), Some(1)),
+        "{detail}"
+    );
+    // The gone one is disabled, with when and why.
+    let (_, user) = app.get_json("/v1/users/u_gone").await;
+    let device = |id: &serde_json::Value| {
+        user["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == *id)
+            .cloned()
+            .unwrap()
+    };
+    let g = device(&gone["id"]);
+    assert!(g["disabled_at"].is_string(), "{user}");
+    assert!(
+        g["disabled_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("unregistered"),
+        "{g}"
+    );
+    assert!(device(&alive["id"])["disabled_at"].is_null());
+    // It is never sent to again...
+    let sends_before = fcm
+        .requests()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("tok-gone"))
+        .count();
+    let (_, b) = app.post_json("/v1/notifications", &post).await;
+    app.wait_final(b["id"].as_str().unwrap(), WAIT).await;
+    let sends_after = fcm
+        .requests()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("tok-gone"))
+        .count();
+    assert_eq!(sends_before, sends_after);
+    // ...until the app registers it again.
+    let (s, again) = app.post_json("/v1/users/u_gone/devices", &register).await;
+    assert_eq!(s, 200);
+    assert!(again["disabled_at"].is_null(), "{again}");
+    app.stop().await;
+}
