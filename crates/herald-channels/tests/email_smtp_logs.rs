@@ -4,44 +4,19 @@
 //! test sharing the process with others could not do reliably (tracing
 //! caches per call site whether anyone listens).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use herald_channels::email::{Email, EmailSender};
 use herald_config::{EmailTransport as EmailSettings, Secret};
 use herald_core::EmailAddress;
+use herald_testkit::logs::Captured;
 use herald_testkit::smtp::{SmtpSink, SmtpSinkOptions, address};
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 const FROM: &str = "Herald <herald@example.com>";
 const USER: &str = "herald";
 const PASSWORD: &str = "Tr4ce-S3cret-Pw";
 const WRONG: &str = "Wr0ng-S3cret-Pw";
-
-/// A `tracing` writer into memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Self;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 fn sender_with(url: &str, sink: &SmtpSink) -> EmailSender {
     EmailSender::from_settings(
@@ -67,14 +42,8 @@ async fn send_to(sender: &EmailSender, to: &str, delivery_id: &str) -> Result<()
 
 #[tokio::test]
 async fn the_smtp_password_never_appears_in_trace_logs_or_errors() {
-    let logs = Captured::default();
     // RUST_LOG=trace for the whole process; `log` records (rustls) too.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish()
-        .init();
+    let logs = Captured::install_trace();
 
     let sink = SmtpSink::start(SmtpSinkOptions::starttls().with_auth(USER, PASSWORD));
     let sender = sender_with(&sink.url(), &sink);
@@ -102,7 +71,7 @@ async fn the_smtp_password_never_appears_in_trace_logs_or_errors() {
     tracing::error!(error = %setup_err, ?setup_err, "set-up failed");
     assert_eq!(sink.messages().len(), 1);
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     for expected in [
         "opened an SMTP connection",
         "SMTP server accepted the message",

@@ -5,36 +5,13 @@
 //! A file of its own: it installs the process-wide subscriber, which a
 //! test sharing the process with others could not do reliably.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_channels::push::{PushMessage, PushSender, Target};
 use herald_config::Settings;
+use herald_testkit::logs::Captured;
 use herald_testkit::push_providers::{ApnsStandIn, FcmStandIn, WebPushStandIn, push_env};
 use serde_json::json;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Self;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 /// The lines of a PEM's body long enough to be telling.
 fn pem_lines(path: &std::path::Path) -> Vec<String> {
@@ -48,12 +25,7 @@ fn pem_lines(path: &std::path::Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_credentials_tokens_and_jwts_never_appear_in_trace_logs() {
-    let logs = Captured::default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install_trace();
 
     let (fcm, apns, web) = (
         FcmStandIn::start().await,
@@ -147,7 +119,7 @@ async fn push_credentials_tokens_and_jwts_never_appear_in_trace_logs() {
         secrets.len()
     );
 
-    let captured = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let captured = logs.text();
     assert!(captured.len() > 1_000, "trace logging was captured");
     for secret in &secrets {
         assert!(
