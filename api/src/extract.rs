@@ -100,6 +100,13 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
             .map(str::trim);
+        if token.is_some_and(crate::user_token::looks_like_user_token) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "user_token_not_allowed",
+                "user tokens reach only /v1/me routes; this route needs an API key",
+            ));
+        }
         let Some(token) = token else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,

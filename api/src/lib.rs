@@ -27,6 +27,7 @@ pub mod error;
 pub mod extract;
 pub mod ingest;
 pub mod routes;
+pub mod user_token;
 
 use error::ApiError;
 
@@ -83,6 +84,7 @@ impl AppState {
     tags(
         (name = "notifications", description = "Send notifications and follow their delivery"),
         (name = "users", description = "Recipients and their devices"),
+        (name = "clients", description = "For mobile and web apps, with a user token: inbox, status, read state"),
         (name = "health", description = "Probes"),
     )
 )]
@@ -102,18 +104,37 @@ impl utoipa::Modify for SecurityAddon {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            "user_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
     }
 }
 
 /// The routes and their OpenAPI document, from one registration.
 pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    use routes::{health, notifications, users};
+    use routes::{health, me, notifications, users};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(notifications::create_notification))
         .routes(routes!(notifications::get_notification))
         .routes(routes!(users::put_user, users::get_user))
         .routes(routes!(users::register_device))
         .routes(routes!(users::delete_device))
+        .routes(routes!(me::create_user_token))
+        .routes(routes!(me::list_notifications))
+        .routes(routes!(me::get_notification))
+        .routes(routes!(me::mark_read))
+        .routes(routes!(me::mark_unread))
+        .routes(routes!(me::archive))
+        .routes(routes!(me::read_all))
+        .routes(routes!(me::stats))
+        .routes(routes!(me::register_my_device))
+        .routes(routes!(me::delete_my_device))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .split_for_parts()

@@ -69,7 +69,7 @@ impl From<herald_db::users::Device> for DeviceView {
     }
 }
 
-fn parse_user_id(id: &str) -> ApiResult<UserId> {
+pub(crate) fn parse_user_id(id: &str) -> ApiResult<UserId> {
     UserId::parse(id).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -206,27 +206,9 @@ pub struct RegisterDevice {
     pub token: String,
 }
 
-/// Register a push device for a user (re-registering a token enables it again).
-#[utoipa::path(
-    post, path = "/v1/users/{user_id}/devices", tag = "users",
-    params(("user_id" = String, Path, description = "The product's user id")),
-    request_body = RegisterDevice,
-    responses(
-        (status = 201, description = "Registered", body = DeviceView),
-        (status = 200, description = "Already registered; now active on this user", body = DeviceView),
-        (status = 404, description = "No such user: create it with PUT first", body = ErrorBody),
-        (status = 422, description = "A field is invalid", body = ErrorBody),
-    ),
-    security(("api_key" = []))
-)]
-pub async fn register_device(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(user_id): Path<String>,
-    ApiJson(req): ApiJson<RegisterDevice>,
-) -> ApiResult<impl IntoResponse> {
-    caller.require("send")?;
-    let user_id = parse_user_id(&user_id)?;
+/// A device registration's fields, checked: known platform and provider,
+/// a provider that serves that platform, a plain token.
+pub(crate) fn checked_device(req: &RegisterDevice) -> ApiResult<(DevicePlatform, PushProvider, &str)> {
     let platform: DevicePlatform = req
         .platform
         .parse()
@@ -256,6 +238,31 @@ pub async fn register_device(
             format!("must be 1 to {MAX_TOKEN_CHARS} characters without spaces or control characters"),
         ));
     }
+    Ok((platform, provider, token))
+}
+
+/// Register a push device for a user (re-registering a token enables it again).
+#[utoipa::path(
+    post, path = "/v1/users/{user_id}/devices", tag = "users",
+    params(("user_id" = String, Path, description = "The product's user id")),
+    request_body = RegisterDevice,
+    responses(
+        (status = 201, description = "Registered", body = DeviceView),
+        (status = 200, description = "Already registered; now active on this user", body = DeviceView),
+        (status = 404, description = "No such user: create it with PUT first", body = ErrorBody),
+        (status = 422, description = "A field is invalid", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn register_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    ApiJson(req): ApiJson<RegisterDevice>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require("send")?;
+    let user_id = parse_user_id(&user_id)?;
+    let (platform, provider, token) = checked_device(&req)?;
     if herald_db::users::get_user(&state.pool, user_id.as_str())
         .await?
         .is_none()

@@ -12,6 +12,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Signs user tokens when `HERALD_USER_TOKEN_SECRET` is unset in
+/// development. Public by design: production refuses to start without a
+/// secret of its own.
+pub const DEVELOPMENT_USER_TOKEN_SECRET: &str = "herald-development-user-token-secret-not-for-production";
+
 /// One environment variable Herald reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Variable {
@@ -35,6 +40,8 @@ variables! {
     "HERALD_QUEUE_PREFIX" = Some("herald"), "Prefix of every Redis key Herald writes.";
     "HERALD_BIND" = Some("127.0.0.1:8080"), "Address the API listens on.";
     "HERALD_MAX_BODY_BYTES" = Some("262144"), "Largest request body the API accepts, in bytes.";
+    "HERALD_USER_TOKEN_SECRET" = None, "Key (32+ characters) that signs user tokens for mobile and web clients; every API replica needs the same one. Required in production; development uses a fixed, public key.";
+    "HERALD_USER_TOKEN_TTL_SECS" = Some("3600"), "Default lifetime of a user token (at most 86400).";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
     "HERALD_WORKER_CONCURRENCY" = Some("64"), "Deliveries one worker process handles at once.";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
@@ -172,6 +179,9 @@ pub struct Settings {
     pub queue_prefix: String,
     pub bind: SocketAddr,
     pub max_body_bytes: usize,
+    /// Signs user tokens (HS256).
+    pub user_token_secret: Secret,
+    pub user_token_ttl: Duration,
     pub log_format: LogFormat,
     pub worker_concurrency: usize,
     pub lease: Duration,
@@ -274,6 +284,24 @@ impl Settings {
             },
             bind: src.parse("HERALD_BIND", "an address like 127.0.0.1:8080")?,
             max_body_bytes: src.parse_in("HERALD_MAX_BODY_BYTES", 1024..=64 * 1024 * 1024)?,
+            user_token_secret: match src.get("HERALD_USER_TOKEN_SECRET") {
+                Some(s) if s.len() >= 32 => Secret::new(s),
+                Some(_) => {
+                    return Err(ConfigError {
+                        variable: "HERALD_USER_TOKEN_SECRET",
+                        message: "must be at least 32 characters (e.g. `openssl rand -hex 32`)".into(),
+                    });
+                }
+                None if prod => {
+                    return Err(ConfigError {
+                        variable: "HERALD_USER_TOKEN_SECRET",
+                        message: "is required in production (32+ random characters, the same on every API replica)"
+                            .into(),
+                    });
+                }
+                None => Secret::new(DEVELOPMENT_USER_TOKEN_SECRET),
+            },
+            user_token_ttl: Duration::from_secs(src.parse_in("HERALD_USER_TOKEN_TTL_SECS", 60..=86_400)?),
             log_format,
             worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
@@ -522,9 +550,25 @@ mod tests {
             ("HERALD_PUSH_TRANSPORT", "http"),
             ("HERALD_FCM_CREDENTIALS_FILE", "sa.json"),
             ("HERALD_WEBPUSH_ALLOW_LOOPBACK", "true"),
+            ("HERALD_USER_TOKEN_SECRET", "0123456789abcdef0123456789abcdef"),
         ]))
         .unwrap_err();
         assert_eq!(err.variable, "HERALD_WEBPUSH_ALLOW_LOOPBACK");
+    }
+
+    #[test]
+    fn production_needs_its_own_user_token_secret() {
+        let prod = [
+            ("HERALD_ENV", "production"),
+            ("HERALD_EMAIL_TRANSPORT", "smtp"),
+            ("HERALD_SMTP_URL", "smtp://127.0.0.1:25"),
+            ("HERALD_PUSH_TRANSPORT", "http"),
+            ("HERALD_FCM_CREDENTIALS_FILE", "sa.json"),
+        ];
+        let err = Settings::from_map(&env(&prod)).unwrap_err();
+        assert_eq!(err.variable, "HERALD_USER_TOKEN_SECRET");
+        let err = Settings::from_map(&env(&[("HERALD_USER_TOKEN_SECRET", "short")])).unwrap_err();
+        assert_eq!(err.variable, "HERALD_USER_TOKEN_SECRET");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use sqlx::{ConnectOptions, PgPool};
 pub mod api_keys;
 pub mod batch;
 pub mod deliveries;
+pub mod inbox;
 pub mod notifications;
 pub mod sweep;
 pub mod users;

@@ -61,6 +61,16 @@ pub async fn upsert_user(pool: &PgPool, u: &UserUpsert<'_>) -> Result<(User, boo
     Ok((row.user, row.inserted))
 }
 
+/// Makes sure a user row exists (a client registering its own device may
+/// come before the product ever described the user).
+pub async fn ensure_user(pool: &PgPool, id: &str) -> Result<()> {
+    sqlx::query("INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 pub async fn get_user(pool: &PgPool, id: &str) -> Result<Option<User>> {
     Ok(
         sqlx::query_as("SELECT id, email, locale, timezone, created_at, updated_at FROM users WHERE id = $1")
