@@ -64,6 +64,7 @@ impl AppState {
         (name = "notifications", description = "Send notifications and follow their delivery"),
         (name = "users", description = "Recipients and their devices"),
         (name = "health", description = "Probes"),
+        (name = "admin", description = "Operators: queues, delivery search, replays and purges (`admin` scope)"),
     )
 )]
 struct ApiDoc;
@@ -87,7 +88,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// The routes and their OpenAPI document, from one registration.
 pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    use routes::{health, notifications, users};
+    use routes::{admin, health, notifications, users};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(notifications::create_notification))
         .routes(routes!(notifications::get_notification))
@@ -96,6 +97,13 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(users::delete_device))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(admin::get_queues))
+        .routes(routes!(admin::search_deliveries))
+        .routes(routes!(admin::get_delivery))
+        .routes(routes!(admin::create_replay, admin::list_replays))
+        .routes(routes!(admin::get_replay))
+        .routes(routes!(admin::cancel_replay))
+        .routes(routes!(admin::create_purge))
         .split_for_parts()
 }
 
@@ -163,6 +171,7 @@ pub fn app(state: AppState) -> Router {
                 async move { Json((*doc).clone()) }
             }),
         )
+        .route("/admin", axum::routing::get(routes::admin::admin_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -12,9 +12,11 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
+pub mod admin;
 pub mod api_keys;
 pub mod deliveries;
 pub mod notifications;
+pub mod replays;
 pub mod sweep;
 pub mod users;
 
