@@ -288,10 +288,16 @@ async fn an_in_app_delivery_publishes_a_live_event_for_the_user() {
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(queue.events_channel()).await.unwrap();
     let (s, accepted) = app
-        .post_json("/v1/notifications", &json!({"user_id": "u_live", "channels": ["in_app"], "title": "Live"}))
+        .post_json(
+            "/v1/notifications",
+            &json!({"user_id": "u_live", "channels": ["in_app"], "title": "Live"}),
+        )
         .await;
     assert_eq!(s, 202);
-    let msg = tokio::time::timeout(WAIT, pubsub.on_message().next()).await.expect("an event").expect("a message");
+    let msg = tokio::time::timeout(WAIT, pubsub.on_message().next())
+        .await
+        .expect("an event")
+        .expect("a message");
     let event: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
     assert_eq!(event["type"], "inbox.item.created");
     assert_eq!(event["user_id"], "u_live");

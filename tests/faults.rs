@@ -30,7 +30,11 @@ const FINAL_WAIT: Duration = Duration::from_secs(90);
 const CONCURRENCY: i64 = 16;
 
 fn scale() -> usize {
-    std::env::var("HERALD_FAULT_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
+    std::env::var("HERALD_FAULT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Short leases and sweeps, so recovery happens within the test's time.
@@ -46,7 +50,10 @@ async fn push_user(app: &TestApp) {
     let (s, _) = app.put_json("/v1/users/u_f", &json!({})).await;
     assert!(s == 201 || s == 200);
     let (s, b) = app
-        .post_json("/v1/users/u_f/devices", &json!({"platform": "android", "provider": "fcm", "token": "tok-fault"}))
+        .post_json(
+            "/v1/users/u_f/devices",
+            &json!({"platform": "android", "provider": "fcm", "token": "tok-fault"}),
+        )
         .await;
     assert_eq!(s, 201, "{b}");
 }
@@ -107,13 +114,18 @@ async fn check_nothing_lost(app: &TestApp, expected: usize, label: &str, started
             if done == total {
                 break;
             }
-            assert!(Instant::now() < deadline, "{label}: only {done} of {total} deliveries final after {FINAL_WAIT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{label}: only {done} of {total} deliveries final after {FINAL_WAIT:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, status FROM deliveries").fetch_all(app.pool()).await.unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM deliveries")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
     let sink = sink_counts(app);
     let mut lost = Vec::new();
     for (id, status) in &rows {
@@ -162,7 +174,10 @@ async fn a_worker_killed_with_sigkill_several_times_loses_nothing() {
     let mut last = WorkerProcess::spawn(&app.env, Channel::Push);
     let dups = check_nothing_lost(&app, n, "SIGKILL x3", started).await;
     // Each kill can leave at most the sends in flight unrecorded.
-    assert!(dups <= KILLS * CONCURRENCY as usize, "{dups} duplicates for {KILLS} kills");
+    assert!(
+        dups <= KILLS * CONCURRENCY as usize,
+        "{dups} duplicates for {KILLS} kills"
+    );
     assert!(last.terminate(Duration::from_secs(20)));
     app.stop().await;
 }
@@ -272,11 +287,20 @@ async fn postgres_restarted_fast_and_immediate_during_delivery_loses_nothing() {
     stop.cancel();
     let seen = prober.await.unwrap();
     println!("Postgres restart: API answers during the restarts: {seen:?}");
-    assert!(seen.keys().all(|s| *s == 202 || *s == 503), "only 202 or 503 while Postgres restarts: {seen:?}");
+    assert!(
+        seen.keys().all(|s| *s == 202 || *s == 503),
+        "only 202 or 503 while Postgres restarts: {seen:?}"
+    );
     let probes_accepted: usize = seen.get(&202).copied().unwrap_or(0);
     println!("Postgres restart: {waiting} deliveries were still waiting at the first restart");
     assert!(waiting > 0, "the fault must land during delivery");
-    let dups = check_nothing_lost(&app, n + probes_accepted, "Postgres restarted (fast, then immediate)", started).await;
+    let dups = check_nothing_lost(
+        &app,
+        n + probes_accepted,
+        "Postgres restarted (fast, then immediate)",
+        started,
+    )
+    .await;
     assert!(dups <= 2 * CONCURRENCY as usize, "{dups} duplicates");
     assert!(worker.terminate(Duration::from_secs(20)));
     app.stop().await;
@@ -304,8 +328,10 @@ async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_newer_attempt() {
     stalled.signal(Signal::SIGSTOP);
     let mut rescuer = WorkerProcess::spawn(&app.env, Channel::Push);
     check_nothing_lost(&app, n, "SIGSTOP past the lease (before resuming)", started).await;
-    let before: Vec<(String, String, i32)> =
-        sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id").fetch_all(app.pool()).await.unwrap();
+    let before: Vec<(String, String, i32)> = sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
     let stale: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE outcome = 'lease_expired'")
         .fetch_one(app.pool())
         .await
@@ -313,10 +339,14 @@ async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_newer_attempt() {
     // Wake the stalled worker: whatever it finishes now is a late result.
     stalled.signal(Signal::SIGCONT);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after: Vec<(String, String, i32)> =
-        sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id").fetch_all(app.pool()).await.unwrap();
+    let after: Vec<(String, String, i32)> = sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id")
+        .fetch_all(app.pool())
+        .await
+        .unwrap();
     let late_sends: usize = sink_counts(&app).values().map(|c| c - 1).sum();
-    println!("SIGSTOP: {stale} attempts expired while stopped; {late_sends} duplicate sends after resuming; statuses unchanged");
+    println!(
+        "SIGSTOP: {stale} attempts expired while stopped; {late_sends} duplicate sends after resuming; statuses unchanged"
+    );
     assert!(stale > 0, "the stopped worker held claims when it was stopped");
     assert_eq!(before, after, "a late result moved a delivery");
     assert!(rescuer.terminate(Duration::from_secs(20)));
@@ -343,12 +373,18 @@ async fn sigterm_during_delivery_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t = Instant::now();
-    assert!(first.terminate(Duration::from_secs(30)), "the worker exits cleanly on SIGTERM");
+    assert!(
+        first.terminate(Duration::from_secs(30)),
+        "the worker exits cleanly on SIGTERM"
+    );
     let in_flight: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'sending'")
         .fetch_one(app.pool())
         .await
         .unwrap();
-    println!("SIGTERM: exited in {:?}, leaving {in_flight} deliveries mid-send", t.elapsed());
+    println!(
+        "SIGTERM: exited in {:?}, leaving {in_flight} deliveries mid-send",
+        t.elapsed()
+    );
     assert_eq!(in_flight, 0, "in-flight deliveries are finished before exiting");
     let mut second = WorkerProcess::spawn(&app.env, Channel::Push);
     let dups = check_nothing_lost(&app, n, "SIGTERM during delivery", started).await;

@@ -201,7 +201,8 @@ fn the_readme_quick_start_is_two_commands_and_ci_runs_the_test_one() {
     );
     let ci = read(".ci/run");
     assert!(
-        ci.lines().any(|l| l.trim() == commands[1] || l.trim().starts_with(&format!("{} 2>&1 |", commands[1]))),
+        ci.lines()
+            .any(|l| l.trim() == commands[1] || l.trim().starts_with(&format!("{} 2>&1 |", commands[1]))),
         "`.ci/run` must call the README's test command `{}` exactly",
         commands[1]
     );

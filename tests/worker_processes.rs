@@ -23,7 +23,10 @@ fn child_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_email_worker_processes_share_the_queue_without_double_sending() {
     let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
-    let mut workers = vec![WorkerProcess::spawn(&app.env, Channel::Email), WorkerProcess::spawn(&app.env, Channel::Email)];
+    let mut workers = vec![
+        WorkerProcess::spawn(&app.env, Channel::Email),
+        WorkerProcess::spawn(&app.env, Channel::Email),
+    ];
 
     // Both replicas are up (registered in Redis) before any work arrives.
     let queue = herald_queue::QueueClient::new(herald_queue::QueueConfig::from_settings(&app.settings)).unwrap();

@@ -48,7 +48,9 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
             PushTransport::File { path } => Sender::Push(
                 PushSender::file(path.clone()).with_context(|| format!("HERALD_PUSH_FILE {}", path.display()))?,
             ),
-            PushTransport::Http(_) => anyhow::bail!("HERALD_PUSH_TRANSPORT=http: the HTTP push providers are not wired in yet"),
+            PushTransport::Http(_) => {
+                anyhow::bail!("HERALD_PUSH_TRANSPORT=http: the HTTP push providers are not wired in yet")
+            }
         },
         Channel::InApp => Sender::InApp,
     })

@@ -26,7 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, Caller};
+use crate::extract::{AdminCaller, ApiJson};
 use crate::routes::notifications::truncate;
 
 /// Longest error text search.
@@ -52,10 +52,6 @@ const FILTER_FIELDS: &[&str] = &[
     "q",
 ];
 
-fn require_admin(caller: &Caller) -> ApiResult<()> {
-    caller.require("admin")
-}
-
 /// Parses filter fields from name/value pairs (a query string, or a JSON
 /// `filter` flattened). Names in `extra` are returned untouched; any other
 /// unknown name is an error.
@@ -80,7 +76,11 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
                             format!(
                                 "unknown status `{}`: expected one of {}",
                                 truncate(v),
-                                DeliveryStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                                DeliveryStatus::ALL
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         )
                     })?;
@@ -101,16 +101,24 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
             }
             "error_class" => {
                 for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
-                    let c = ErrorClass::ALL.iter().copied().find(|c| c.as_str() == v).ok_or_else(|| {
-                        ApiError::invalid_filter(
-                            "error_class",
-                            format!(
-                                "unknown error class `{}`: expected one of {}",
-                                truncate(v),
-                                ErrorClass::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
-                            ),
-                        )
-                    })?;
+                    let c = ErrorClass::ALL
+                        .iter()
+                        .copied()
+                        .find(|c| c.as_str() == v)
+                        .ok_or_else(|| {
+                            ApiError::invalid_filter(
+                                "error_class",
+                                format!(
+                                    "unknown error class `{}`: expected one of {}",
+                                    truncate(v),
+                                    ErrorClass::ALL
+                                        .iter()
+                                        .map(|c| c.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                ),
+                            )
+                        })?;
                     if !f.error_classes.contains(&c) {
                         f.error_classes.push(c);
                     }
@@ -137,9 +145,9 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
             }
             "notification_id" => {
                 single(&mut seen, "notification_id")?;
-                let n: NotificationId = value
-                    .parse()
-                    .map_err(|e: herald_core::ParseIdError| ApiError::invalid_filter("notification_id", e.to_string()))?;
+                let n: NotificationId = value.parse().map_err(|e: herald_core::ParseIdError| {
+                    ApiError::invalid_filter("notification_id", e.to_string())
+                })?;
                 f.notification_id = Some(n.to_string());
             }
             "since" | "until" => {
@@ -155,7 +163,10 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
             "q" => {
                 single(&mut seen, "q")?;
                 if value.is_empty() {
-                    return Err(ApiError::invalid_filter("q", "must not be empty; omit it to match any error"));
+                    return Err(ApiError::invalid_filter(
+                        "q",
+                        "must not be empty; omit it to match any error",
+                    ));
                 }
                 check_text("q", &value, MAX_Q_CHARS, false).map_err(|e| ApiError::invalid_filter("q", e.message))?;
                 f.q = Some(value);
@@ -183,15 +194,17 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
 }
 
 fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(value).map(|t| t.with_timezone(&Utc)).map_err(|_| {
-        ApiError::invalid_filter(
-            field,
-            format!(
-                "`{}` is not an RFC 3339 time (e.g. 2026-11-22T09:30:00Z)",
-                truncate(value)
-            ),
-        )
-    })
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            ApiError::invalid_filter(
+                field,
+                format!(
+                    "`{}` is not an RFC 3339 time (e.g. 2026-11-22T09:30:00Z)",
+                    truncate(value)
+                ),
+            )
+        })
 }
 
 /// Flattens a JSON `filter` object into the pairs [`parse_filter`] reads.
@@ -354,8 +367,7 @@ pub struct QueuesView {
     ),
     security(("api_key" = []))
 )]
-pub async fn get_queues(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<QueuesView>> {
-    require_admin(&caller)?;
+pub async fn get_queues(State(state): State<AppState>, _caller: AdminCaller) -> ApiResult<Json<QueuesView>> {
     let names = QueueName::all();
     let (redis, pg) = tokio::join!(
         futures_join_counts(&state, &names),
@@ -384,7 +396,10 @@ pub async fn get_queues(State(state): State<AppState>, caller: Caller) -> ApiRes
     }))
 }
 
-async fn futures_join_counts(state: &AppState, names: &[QueueName]) -> Result<Vec<QueueView>, herald_queue::QueueError> {
+async fn futures_join_counts(
+    state: &AppState,
+    names: &[QueueName],
+) -> Result<Vec<QueueView>, herald_queue::QueueError> {
     let mut set = tokio::task::JoinSet::new();
     for (i, name) in names.iter().enumerate() {
         let (queue, name) = (state.queue.clone(), *name);
@@ -464,10 +479,9 @@ pub struct DeliveryPage {
 )]
 pub async fn search_deliveries(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: AdminCaller,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<DeliveryPage>> {
-    require_admin(&caller)?;
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
@@ -483,7 +497,10 @@ pub async fn search_deliveries(
     let cursor = match rest.get("cursor") {
         None => None,
         Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
-            ApiError::invalid_filter("cursor", "is not a cursor this API gave out; pass `next_cursor` unchanged")
+            ApiError::invalid_filter(
+                "cursor",
+                "is not a cursor this API gave out; pass `next_cursor` unchanged",
+            )
         })?),
     };
     let (rows, next) = herald_db::admin::search_deliveries(&state.pool, &filter, cursor.as_ref(), limit).await?;
@@ -544,10 +561,9 @@ pub struct DeliveryDetailView {
 )]
 pub async fn get_delivery(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DeliveryDetailView>> {
-    require_admin(&caller)?;
     parse_delivery_id(&id)?;
     let Some((d, n, attempts)) = herald_db::admin::get_delivery_detail(&state.pool, &id).await? else {
         return Err(ApiError::not_found("delivery", &id));
@@ -742,10 +758,9 @@ fn replay_view(r: herald_db::replays::Replay, skipped: Vec<(String, String)>) ->
 )]
 pub async fn create_replay(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AdminCaller,
     ApiJson(req): ApiJson<CreateReplay>,
 ) -> ApiResult<Response> {
-    require_admin(&caller)?;
     let pace = match req.pace {
         None => None,
         Some(p) if (1..=100_000).contains(&p) => i32::try_from(p).ok(),
@@ -760,7 +775,10 @@ pub async fn create_replay(
     let filter: DeliveryFilter;
     let target = match (req.delivery_ids, req.filter) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("filter", "give either `delivery_ids` or `filter`, not both"));
+            return Err(ApiError::invalid(
+                "filter",
+                "give either `delivery_ids` or `filter`, not both",
+            ));
         }
         (None, None) => {
             return Err(ApiError::invalid(
@@ -850,10 +868,9 @@ pub async fn create_replay(
 )]
 pub async fn get_replay(
     State(state): State<AppState>,
-    caller: Caller,
+    _caller: AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ReplayView>> {
-    require_admin(&caller)?;
     parse_replay_id(&id)?;
     let Some(r) = herald_db::replays::get_replay(&state.pool, &id).await? else {
         return Err(ApiError::not_found("replay", &id));
@@ -880,8 +897,7 @@ pub struct ReplayList {
     ),
     security(("api_key" = []))
 )]
-pub async fn list_replays(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<ReplayList>> {
-    require_admin(&caller)?;
+pub async fn list_replays(State(state): State<AppState>, _caller: AdminCaller) -> ApiResult<Json<ReplayList>> {
     let replays = herald_db::replays::list_replays(&state.pool, 50).await?;
     Ok(Json(ReplayList {
         replays: replays.into_iter().map(|r| replay_view(r, Vec::new())).collect(),
@@ -903,10 +919,9 @@ pub async fn list_replays(State(state): State<AppState>, caller: Caller) -> ApiR
 )]
 pub async fn cancel_replay(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AdminCaller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ReplayView>> {
-    require_admin(&caller)?;
     parse_replay_id(&id)?;
     let who = format!("{} ({})", caller.0.id, caller.0.name);
     match herald_db::replays::cancel_replay(&state.pool, &id, &who).await? {
@@ -969,10 +984,9 @@ pub struct PurgeView {
 )]
 pub async fn create_purge(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AdminCaller,
     ApiJson(req): ApiJson<CreatePurge>,
 ) -> ApiResult<Json<PurgeView>> {
-    require_admin(&caller)?;
     let before = parse_time("before", req.before.trim())?;
     let (f, _) = parse_filter(json_filter_pairs(req.filter.unwrap_or_default())?, &[])?;
     let filter = dead_letters_only(f, "purge")?;

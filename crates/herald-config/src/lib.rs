@@ -315,7 +315,12 @@ impl Settings {
 }
 
 fn push_http(src: &Source<'_>, prod: bool) -> Result<PushHttp, ConfigError> {
-    let apns_vars = ["HERALD_APNS_KEY_FILE", "HERALD_APNS_KEY_ID", "HERALD_APNS_TEAM_ID", "HERALD_APNS_TOPIC"];
+    let apns_vars = [
+        "HERALD_APNS_KEY_FILE",
+        "HERALD_APNS_KEY_ID",
+        "HERALD_APNS_TEAM_ID",
+        "HERALD_APNS_TOPIC",
+    ];
     let apns_values: Vec<Option<String>> = apns_vars.iter().map(|v| src.get(v)).collect();
     let apns = if apns_values.iter().all(Option::is_none) {
         None
@@ -333,7 +338,10 @@ fn push_http(src: &Source<'_>, prod: bool) -> Result<PushHttp, ConfigError> {
             topic: v[3].clone(),
         })
     };
-    let webpush = match (src.get("HERALD_VAPID_PRIVATE_KEY_FILE"), src.get("HERALD_VAPID_SUBJECT")) {
+    let webpush = match (
+        src.get("HERALD_VAPID_PRIVATE_KEY_FILE"),
+        src.get("HERALD_VAPID_SUBJECT"),
+    ) {
         (None, None) => None,
         (Some(file), Some(subject)) => {
             if !(subject.starts_with("mailto:") || subject.starts_with("https://")) {
@@ -506,8 +514,11 @@ mod tests {
     fn http_push_needs_a_provider_and_complete_apns_settings() {
         let err = Settings::from_map(&env(&[("HERALD_PUSH_TRANSPORT", "http")])).unwrap_err();
         assert_eq!(err.variable, "HERALD_PUSH_TRANSPORT");
-        let err = Settings::from_map(&env(&[("HERALD_PUSH_TRANSPORT", "http"), ("HERALD_APNS_KEY_FILE", "k.p8")]))
-            .unwrap_err();
+        let err = Settings::from_map(&env(&[
+            ("HERALD_PUSH_TRANSPORT", "http"),
+            ("HERALD_APNS_KEY_FILE", "k.p8"),
+        ]))
+        .unwrap_err();
         assert_eq!(err.variable, "HERALD_APNS_KEY_ID");
         let err = Settings::from_map(&env(&[
             ("HERALD_ENV", "production"),

@@ -310,8 +310,9 @@ pub struct Purge {
 /// Dead letters a purge would delete: matching `filter` (whose statuses
 /// the caller restricted to failed/dead) and finished before `before`.
 pub async fn count_purgeable(pool: &PgPool, filter: &DeliveryFilter, before: DateTime<Utc>) -> Result<i64> {
-    let mut qb =
-        QueryBuilder::new("SELECT count(*) FROM deliveries d WHERE d.status IN ('failed', 'dead') AND d.finished_at < ");
+    let mut qb = QueryBuilder::new(
+        "SELECT count(*) FROM deliveries d WHERE d.status IN ('failed', 'dead') AND d.finished_at < ",
+    );
     qb.push_bind(before);
     push_filter(&mut qb, filter);
     Ok(qb.build_query_scalar().fetch_one(pool).await?)

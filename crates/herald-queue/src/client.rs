@@ -168,7 +168,13 @@ impl QueueClient {
         let channel = events_channel(&self.inner.cfg.prefix);
         self.run("publish an event", |mut c| {
             let channel = &channel;
-            async move { redis::cmd("PUBLISH").arg(channel).arg(event).query_async::<()>(&mut c).await }
+            async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(event)
+                    .query_async::<()>(&mut c)
+                    .await
+            }
         })
         .await
     }

@@ -47,7 +47,10 @@ impl WorkerProcess {
             .args(["--exact", "child_worker", "--nocapture", "--test-threads=1"])
             .envs(env)
             .env(CHILD_ENV, channel.as_str())
-            .env("RUST_LOG", std::env::var("HERALD_TEST_CHILD_LOG").unwrap_or_else(|_| "error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("HERALD_TEST_CHILD_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -49,7 +49,16 @@ impl PrivateRedis {
 
     fn launch(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -57,7 +66,10 @@ impl PrivateRedis {
             .spawn()
             .expect("start redis-server (is Redis installed? see .ci/run)");
         self.child = Some(child);
-        assert!(wait_for_port(self.port, Duration::from_secs(10)), "private redis did not start");
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "private redis did not start"
+        );
     }
 
     #[must_use]
@@ -149,11 +161,18 @@ impl PrivatePostgres {
         }
         let bin = postgres_bin_dir();
         let data_s = data.display().to_string();
-        let out = pg_command(&bin.join("initdb"), &["-D", &data_s, "-A", "trust", "-U", "postgres", "--no-sync"])
-            .stdout(Stdio::null())
-            .output()
-            .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pg_command(
+            &bin.join("initdb"),
+            &["-D", &data_s, "-A", "trust", "-U", "postgres", "--no-sync"],
+        )
+        .stdout(Stdio::null())
+        .output()
+        .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let pg = Self {
             port: free_port(),
             data,
@@ -173,7 +192,9 @@ impl PrivatePostgres {
         let log = self.data.join("server.log").display().to_string();
         let mut full = vec!["-D", &data_s, "-o", &opts, "-l", &log];
         full.extend_from_slice(args);
-        let out = pg_command(&self.bin.join("pg_ctl"), &full).output().expect("run pg_ctl");
+        let out = pg_command(&self.bin.join("pg_ctl"), &full)
+            .output()
+            .expect("run pg_ctl");
         assert!(
             out.status.success(),
             "pg_ctl {args:?} failed: {}{}",
