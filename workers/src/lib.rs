@@ -116,8 +116,11 @@ pub async fn run(settings: Settings, channels: &[Channel], shutdown: Cancellatio
         Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
         Err(e) => tracing::warn!(error = %e, "Redis unreachable at start-up; workers will wait for it"),
     }
+    // Its own two connections: a busy worker's pool must not starve an
+    // operator's replay, nor a replay slow the deliveries.
+    let replay_pool = herald_db::connect_lazy(settings.database_url.expose(), 2).context("DATABASE_URL")?;
     let replays = tokio::spawn(replayer::run(
-        replayer::Replayer::new(pool.clone(), sweeper_queue.clone(), &settings),
+        replayer::Replayer::new(replay_pool, sweeper_queue.clone(), &settings),
         shutdown.clone(),
     ));
     let sweeper = tokio::spawn(sweeper::run(
