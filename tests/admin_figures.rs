@@ -57,32 +57,53 @@ async fn listing_filtering_and_replaying_many_dead_letters_is_quick_and_sends_ea
     let mut cursor = page["next_cursor"].as_str().unwrap().to_owned();
     let t = Instant::now();
     for _ in 0..20 {
-        let (_, p) = timed_get(&app, &format!("/v1/admin/deliveries?status=dead&limit=50&cursor={cursor}")).await;
+        let (_, p) = timed_get(
+            &app,
+            &format!("/v1/admin/deliveries?status=dead&limit=50&cursor={cursor}"),
+        )
+        .await;
         cursor = p["next_cursor"].as_str().unwrap().to_owned();
     }
     let per_page = t.elapsed() / 20;
     // Filter: error text (trigram index), and a user's dead letters.
-    let (by_text, p) = timed_get(&app, "/v1/admin/deliveries?status=dead&channel=in_app&q=timed%20out%20after&limit=50").await;
+    let (by_text, p) = timed_get(
+        &app,
+        "/v1/admin/deliveries?status=dead&channel=in_app&q=timed%20out%20after&limit=50",
+    )
+    .await;
     assert_eq!(p["deliveries"].as_array().unwrap().len(), 50);
     let (rare_text, p) = timed_get(&app, "/v1/admin/deliveries?q=after%205s%20%23777&limit=50").await;
     assert!(!p["deliveries"].as_array().unwrap().is_empty());
     let (by_user, p) = timed_get(&app, "/v1/admin/deliveries?user_id=u_seed_7&limit=200").await;
-    assert_eq!(p["deliveries"].as_array().unwrap().len(), 10.min(usize::try_from(n).unwrap()));
+    assert_eq!(
+        p["deliveries"].as_array().unwrap().len(),
+        10.min(usize::try_from(n).unwrap())
+    );
     let (queues, _) = timed_get(&app, "/v1/admin/queues").await;
 
     // Dry run over everything.
     let t = Instant::now();
     let (s, dry) = app
-        .post_json("/v1/admin/replays", &json!({"filter": {"status": "dead"}, "dry_run": true}))
+        .post_json(
+            "/v1/admin/replays",
+            &json!({"filter": {"status": "dead"}, "dry_run": true}),
+        )
         .await;
     let dry_run = t.elapsed();
     assert_eq!(s, 200, "{dry}");
-    assert_eq!((dry["matched"].as_i64(), dry["would_replay"].as_i64()), (Some(n), Some(n)), "{dry}");
+    assert_eq!(
+        (dry["matched"].as_i64(), dry["would_replay"].as_i64()),
+        (Some(n), Some(n)),
+        "{dry}"
+    );
 
     // Replay everything at full pace; the in-app workers deliver.
     let t = Instant::now();
     let (s, r) = app
-        .post_json("/v1/admin/replays", &json!({"filter": {"status": "dead"}, "confirm_large": true}))
+        .post_json(
+            "/v1/admin/replays",
+            &json!({"filter": {"status": "dead"}, "confirm_large": true}),
+        )
         .await;
     let create = t.elapsed();
     assert_eq!(s, 202, "{r}");
@@ -98,7 +119,10 @@ async fn listing_filtering_and_replaying_many_dead_letters_is_quick_and_sends_ea
     assert_eq!(delivered, n);
 
     // Sent exactly once more: one new attempt each, one inbox item each.
-    assert_eq!(count(&app, "SELECT count(*) FROM deliveries WHERE attempt <> 4").await, 0);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM deliveries WHERE attempt <> 4").await,
+        0
+    );
     assert_eq!(
         count(
             &app,
@@ -107,17 +131,26 @@ async fn listing_filtering_and_replaying_many_dead_letters_is_quick_and_sends_ea
         .await,
         0
     );
-    assert_eq!(count(&app, "SELECT count(*) FROM delivery_attempts WHERE attempt = 4").await, n);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM delivery_attempts WHERE attempt = 4").await,
+        n
+    );
     assert_eq!(count(&app, "SELECT count(*) FROM inbox_items").await, n);
     // And replaying the same filter again finds nothing to do.
     let (_, again) = app
-        .post_json("/v1/admin/replays", &json!({"filter": {"status": "dead"}, "dry_run": true}))
+        .post_json(
+            "/v1/admin/replays",
+            &json!({"filter": {"status": "dead"}, "dry_run": true}),
+        )
         .await;
     assert_eq!(again["matched"], 0, "{again}");
 
     let rate = n as f64 / delivered_in.as_secs_f64();
     println!("\nadmin figures over {n} dead letters (loopback, debug build, this machine):");
-    println!("  seed (INSERT … SELECT generate_series)   {:.2} s", seeded.as_secs_f64());
+    println!(
+        "  seed (INSERT … SELECT generate_series)   {:.2} s",
+        seeded.as_secs_f64()
+    );
     println!("  list: first page of 50                   {}", ms(first_page));
     println!("  list: a page via the cursor (20 deep)    {}", ms(per_page));
     println!("  filter: channel + error text             {}", ms(by_text));
@@ -126,8 +159,14 @@ async fn listing_filtering_and_replaying_many_dead_letters_is_quick_and_sends_ea
     println!("  queue table (GET /v1/admin/queues)       {}", ms(queues));
     println!("  dry run over all                         {}", ms(dry_run));
     println!("  replay: create (snapshot {n})            {}", ms(create));
-    println!("  replay: runner done (all queued)         {:.2} s", replayed_in.as_secs_f64());
-    println!("  replay: all delivered                    {:.2} s ({rate:.0}/s)", delivered_in.as_secs_f64());
+    println!(
+        "  replay: runner done (all queued)         {:.2} s",
+        replayed_in.as_secs_f64()
+    );
+    println!(
+        "  replay: all delivered                    {:.2} s ({rate:.0}/s)",
+        delivered_in.as_secs_f64()
+    );
     println!("  sent twice                               0 (each has exactly one new attempt)");
     app.stop().await;
 }

@@ -57,10 +57,10 @@ async fn start_driver() -> Driver {
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(res) = reqwest::get(format!("{url}/status")).await {
-            if res.status().is_success() {
-                break;
-            }
+        if let Ok(res) = reqwest::get(format!("{url}/status")).await
+            && res.status().is_success()
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "chromedriver did not come up on {url}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -168,11 +168,26 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
         .send_keys(&app.api_key)
         .await
         .unwrap();
-    c.find(Locator::Id("signin-button")).await.unwrap().click().await.unwrap();
-    wait_js(&c, "the queue table", "document.querySelectorAll('#queues-body tr').length === 3").await;
+    c.find(Locator::Id("signin-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(
+        &c,
+        "the queue table",
+        "document.querySelectorAll('#queues-body tr').length === 3",
+    )
+    .await;
     let queues = text_of(&c, "#queues-body").await;
     assert!(queues.contains("email") && queues.contains("in_app"), "{queues}");
-    wait_js(&c, "the failures list", "document.querySelectorAll('tr.delivery-row').length === 35").await;
+    wait_js(
+        &c,
+        "the failures list",
+        "document.querySelectorAll('tr.delivery-row').length === 35",
+    )
+    .await;
 
     // Filter: in-app failures only.
     c.find(Locator::Id("f-channel"))
@@ -181,7 +196,12 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
         .select_by_value("in_app")
         .await
         .unwrap();
-    c.find(Locator::Id("search-button")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Id("search-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_js(
         &c,
         "the in-app failures",
@@ -191,7 +211,12 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
     .await;
 
     // Open one: its attempt history.
-    c.find(Locator::Css("tr.delivery-row")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css("tr.delivery-row"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_js(
         &c,
         "the attempt history",
@@ -204,7 +229,12 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
     // Dry run first: the replay button is only enabled after it.
     let confirm = c.find(Locator::Id("replay-confirm")).await.unwrap();
     assert_eq!(confirm.attr("disabled").await.unwrap().as_deref(), Some("true"));
-    c.find(Locator::Id("replay-dry-run")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Id("replay-dry-run"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     wait_js(
         &c,
         "the dry-run count",
@@ -224,14 +254,22 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
     let shots = tempfile::tempdir().expect("screenshot dir");
     let shot = shots.path().join("admin-page.png");
     std::fs::write(&shot, &png).expect("write screenshot");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "a real page, not a blank one");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "a real page, not a blank one"
+    );
     if let Ok(keep) = std::env::var("HERALD_ADMIN_SCREENSHOT") {
         std::fs::copy(&shot, &keep).expect("copy screenshot");
         println!("screenshot: {keep}");
     }
 
     // The real replay, confirmed in the browser's dialog, followed to its end.
-    c.find(Locator::Id("replay-confirm")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Id("replay-confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     c.accept_alert().await.expect("confirm the replay");
     wait_js(
         &c,
@@ -240,7 +278,10 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
     )
     .await;
     let counts = text_of(&c, "#replay-counts").await;
-    assert!(counts.contains("15 of 15 processed: 15 replayed, 0 skipped"), "{counts}");
+    assert!(
+        counts.contains("15 of 15 processed: 15 replayed, 0 skipped"),
+        "{counts}"
+    );
 
     let delivered = app
         .wait_count(
@@ -250,10 +291,11 @@ async fn an_operator_signs_in_finds_a_failure_and_replays_it_in_the_browser() {
         )
         .await;
     assert_eq!(delivered, 15);
-    let email_failed: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE channel = 'email' AND status = 'failed'")
-        .fetch_one(app.pool())
-        .await
-        .unwrap();
+    let email_failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE channel = 'email' AND status = 'failed'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
     assert_eq!(email_failed, 20, "the filter kept email out of the replay");
 
     c.close().await.expect("close the browser");

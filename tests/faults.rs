@@ -68,10 +68,10 @@ async fn post_many(app: &TestApp, n: usize) -> usize {
             .request(reqwest::Method::POST, "/v1/notifications")
             .json(&json!({"user_id": "u_f", "channels": ["push"], "title": format!("n{i}")}));
         pending.spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) });
-        if pending.len() >= 16 {
-            if let Some(Ok(202)) = pending.join_next().await {
-                accepted += 1;
-            }
+        if pending.len() >= 16
+            && let Some(Ok(202)) = pending.join_next().await
+        {
+            accepted += 1;
         }
     }
     while let Some(r) = pending.join_next().await {

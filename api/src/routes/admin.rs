@@ -185,10 +185,10 @@ fn parse_filter(pairs: Vec<(String, String)>, extra: &[&str]) -> ApiResult<(Deli
             }
         }
     }
-    if let (Some(since), Some(until)) = (f.since, f.until) {
-        if since >= until {
-            return Err(ApiError::invalid_filter("until", "must be later than `since`"));
-        }
+    if let (Some(since), Some(until)) = (f.since, f.until)
+        && since >= until
+    {
+        return Err(ApiError::invalid_filter("until", "must be later than `since`"));
     }
     Ok((f, rest))
 }

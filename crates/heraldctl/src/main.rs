@@ -97,6 +97,8 @@ enum Command {
     Migrate,
 }
 
+// Parsed once at start-up: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Deliveries {
     /// One delivery, its notification and every attempt.
@@ -110,6 +112,7 @@ enum Deliveries {
     },
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Dlq {
     /// List failed and dead deliveries, newest first.
