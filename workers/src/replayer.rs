@@ -137,8 +137,9 @@ impl Replayer {
             tracing::warn!(error = %e, deliveries = jobs.len(), "could not enqueue replayed deliveries; the sweeper will");
             return;
         }
-        let marks: Vec<(String, i32)> = requeued.iter().map(|r| (r.id.clone(), r.attempt)).collect();
-        if let Err(e) = herald_db::notifications::mark_enqueued(&self.pool, &marks).await {
+        let ids: Vec<String> = requeued.iter().map(|r| r.id.clone()).collect();
+        let attempts: Vec<i32> = requeued.iter().map(|r| r.attempt).collect();
+        if let Err(e) = herald_db::replays::mark_replayed_enqueued(&self.pool, &ids, &attempts).await {
             tracing::debug!(error = %e, "could not mark replayed deliveries enqueued; the sweeper will re-enqueue");
         }
     }
