@@ -353,6 +353,14 @@ async fn the_openapi_document_lists_every_route() {
         ("delete", "/v1/me/devices/{device_id}"),
         ("get", "/healthz"),
         ("get", "/readyz"),
+        ("get", "/v1/admin/queues"),
+        ("get", "/v1/admin/deliveries"),
+        ("get", "/v1/admin/deliveries/{id}"),
+        ("post", "/v1/admin/replays"),
+        ("get", "/v1/admin/replays"),
+        ("get", "/v1/admin/replays/{id}"),
+        ("post", "/v1/admin/replays/{id}/cancel"),
+        ("post", "/v1/admin/purges"),
     ];
     let paths = doc["paths"].as_object().unwrap();
     let mut documented = Vec::new();

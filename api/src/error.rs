@@ -67,6 +67,14 @@ impl ApiError {
         .with_details(serde_json::json!({ "field": field, "reason": message }))
     }
 
+    /// A search, replay or purge filter with a bad value, as a 400 naming
+    /// the field (`details.field`).
+    pub fn invalid_filter(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::new(StatusCode::BAD_REQUEST, "invalid_filter", format!("{field}: {message}"))
+            .with_details(serde_json::json!({ "field": field, "reason": message }))
+    }
+
     /// An unexpected failure: logged here, once, and opaque to the caller.
     pub fn internal(err: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %err, "internal error");

@@ -124,3 +124,18 @@ impl FromRequestParts<AppState> for Caller {
         }
     }
 }
+
+/// A caller whose key has the `admin` scope. Checked before the body is
+/// read, so a key without it gets its 403 whatever it sent.
+#[derive(Debug, Clone)]
+pub struct AdminCaller(pub ApiKey);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require("admin")?;
+        Ok(Self(caller.0))
+    }
+}

@@ -86,6 +86,7 @@ impl AppState {
         (name = "users", description = "Recipients and their devices"),
         (name = "clients", description = "For mobile and web apps, with a user token: inbox, status, read state"),
         (name = "health", description = "Probes"),
+        (name = "admin", description = "Operators: queues, delivery search, replays and purges (`admin` scope)"),
     )
 )]
 struct ApiDoc;
@@ -118,7 +119,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// The routes and their OpenAPI document, from one registration.
 pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    use routes::{health, me, notifications, users};
+    use routes::{admin, health, me, notifications, users};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(notifications::create_notification))
         .routes(routes!(notifications::get_notification))
@@ -137,6 +138,13 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(me::delete_my_device))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(admin::get_queues))
+        .routes(routes!(admin::search_deliveries))
+        .routes(routes!(admin::get_delivery))
+        .routes(routes!(admin::create_replay, admin::list_replays))
+        .routes(routes!(admin::get_replay))
+        .routes(routes!(admin::cancel_replay))
+        .routes(routes!(admin::create_purge))
         .split_for_parts()
 }
 
@@ -204,6 +212,7 @@ pub fn app(state: AppState) -> Router {
                 async move { Json((*doc).clone()) }
             }),
         )
+        .route("/admin", axum::routing::get(routes::admin::admin_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -2,7 +2,8 @@
 //! `herald-push-worker`, `herald-inapp-worker`), deployed and scaled on its
 //! own; all share this library. A worker consumes its channel's three
 //! priority queues through Herald's apalis backend, and every worker process
-//! also runs the sweeper (one acts at a time, by advisory lock).
+//! also runs the sweeper (one acts at a time, by advisory lock) and the
+//! replay runner (one owner per replay).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use herald_queue::{Fetched, QueueClient, QueueConfig, QueueName, RedisBackend, W
 use tokio_util::sync::CancellationToken;
 
 pub mod deliver;
+pub mod replayer;
 pub mod retry;
 pub mod sweeper;
 
@@ -102,7 +104,7 @@ pub async fn run_worker(
 }
 
 /// Connects, migrates, and runs the given channels' workers plus the
-/// sweeper in this process until `shutdown` is cancelled.
+/// sweeper and the replay runner in this process until `shutdown` is cancelled.
 pub async fn run(settings: Settings, channels: &[Channel], shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool =
         herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections).context("DATABASE_URL")?;
@@ -114,6 +116,13 @@ pub async fn run(settings: Settings, channels: &[Channel], shutdown: Cancellatio
         Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
         Err(e) => tracing::warn!(error = %e, "Redis unreachable at start-up; workers will wait for it"),
     }
+    // Its own two connections: a busy worker's pool must not starve an
+    // operator's replay, nor a replay slow the deliveries.
+    let replay_pool = herald_db::connect_lazy(settings.database_url.expose(), 2).context("DATABASE_URL")?;
+    let replays = tokio::spawn(replayer::run(
+        replayer::Replayer::new(replay_pool, sweeper_queue.clone(), &settings),
+        shutdown.clone(),
+    ));
     let sweeper = tokio::spawn(sweeper::run(
         pool.clone(),
         sweeper_queue,
@@ -136,6 +145,7 @@ pub async fn run(settings: Settings, channels: &[Channel], shutdown: Cancellatio
     }
     shutdown.cancel();
     let _ = sweeper.await;
+    let _ = replays.await;
     result
 }
 

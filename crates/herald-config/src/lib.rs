@@ -74,6 +74,7 @@ variables! {
     "HERALD_VAPID_SUBJECT" = None, "VAPID contact, `mailto:` or `https:` URL.";
     "HERALD_WEBPUSH_ALLOW_LOOPBACK" = Some("false"), "Tests only: allow http:// and loopback Web Push endpoints. Refused in production.";
     "HERALD_PUSH_FILE" = Some("var/push.jsonl"), "Where the file push transport appends one JSON line per device.";
+    "HERALD_REPLAY_MAX" = Some("100000"), "Most deliveries one filtered replay may match without `confirm_large: true`.";
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -198,6 +199,9 @@ pub struct Settings {
     pub smtp_ca_file: Option<PathBuf>,
     pub email_from: String,
     pub push_transport: PushTransport,
+    /// A filtered replay matching more deliveries than this needs an
+    /// explicit `confirm_large`.
+    pub replay_max: u64,
 }
 
 impl Settings {
@@ -318,6 +322,7 @@ impl Settings {
             email_transport,
             email_from: src.raw("HERALD_EMAIL_FROM"),
             push_transport,
+            replay_max: src.parse_in("HERALD_REPLAY_MAX", 1..=100_000_000)?,
         })
     }
 

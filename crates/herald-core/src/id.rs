@@ -91,6 +91,14 @@ prefixed_id!(
     /// An API key (its public identifier, never the secret).
     ApiKeyId, "key_", "api key"
 );
+prefixed_id!(
+    /// An operator's replay of failed or dead deliveries.
+    ReplayId, "rpl_", "replay"
+);
+prefixed_id!(
+    /// An operator's purge of old dead letters.
+    PurgeId, "prg_", "purge"
+);
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,8 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub const ALL: &'static [ErrorClass] = &[Self::Permanent, Self::Transient, Self::RateLimited, Self::Ambiguous];
+
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -12,11 +12,13 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
+pub mod admin;
 pub mod api_keys;
 pub mod batch;
 pub mod deliveries;
 pub mod inbox;
 pub mod notifications;
+pub mod replays;
 pub mod sweep;
 pub mod users;
 

@@ -215,6 +215,9 @@ pub async fn mark_enqueued(pool: &PgPool, jobs: &[(String, i32)]) -> Result<()> 
     )
     .bind(&ids)
     .bind(&attempts)
+    // Planned with the real values on every call: a cached generic plan,
+    // built before a mass status change, was seen scanning the whole table.
+    .persistent(false)
     .execute(pool)
     .await?;
     Ok(())

@@ -9,6 +9,7 @@
 pub mod logs;
 pub mod process;
 pub mod push_providers;
+pub mod seed;
 pub mod servers;
 pub mod smtp;
 
@@ -398,6 +399,33 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Polls a replay until it ends (completed, cancelled or failed) and
+    /// returns its last progress document.
+    pub async fn wait_replay(&self, replay_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, doc) = self.get_json(&format!("/v1/admin/replays/{replay_id}")).await;
+            assert_eq!(status, 200, "{doc}");
+            if !matches!(doc["status"].as_str(), Some("pending" | "running")) {
+                return doc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replay not finished after {timeout:?}: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A key with only these scopes.
+    pub async fn key_with_scopes(&self, scopes: &[&str]) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
+        herald_db::api_keys::create_api_key(self.pool(), "scoped", &scopes)
+            .await
+            .expect("create api key")
+            .1
     }
 
     /// Waits until a SQL count reaches `expected`.
