@@ -103,10 +103,27 @@ async fn ensure_template(admin: &PgPool, server: &str) -> String {
             .expect("connect to template");
         herald_db::migrate(&pool).await.expect("migrate template");
         pool.close().await;
-        sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
-            .execute(&mut *conn)
-            .await
-            .expect("rename template");
+        // A closed connection's server session can take a moment to end, and
+        // a database in use cannot be renamed: end it and retry briefly.
+        let mut tries = 0;
+        loop {
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&building)
+                .execute(&mut *conn)
+                .await
+                .expect("end sessions on the template");
+            match sqlx::query(&format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""))
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => break,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("rename template: {e}"),
+            }
+        }
     }
     sqlx::query("SELECT pg_advisory_unlock(7262001)")
         .execute(&mut *conn)
