@@ -11,6 +11,7 @@
 //! measured.
 
 mod cluster;
+mod cpu;
 mod load;
 mod seed;
 mod sinks;
@@ -202,6 +203,10 @@ fn print_table(title: &str, rows: &[(&str, String)]) {
     for (k, v) in rows {
         println!("  {k:<w$}  {v}");
     }
+}
+
+fn cpu_json(usage: &[(&str, f64)]) -> Value {
+    Value::Object(usage.iter().map(|(n, c)| ((*n).to_owned(), json!(c))).collect())
 }
 
 fn mb(kb: u64) -> f64 {
@@ -593,6 +598,20 @@ impl Bench {
             );
             return Ok(None);
         };
+        // The same statement from one client: the latency of one durable
+        // commit, the floor under every POST and every claim.
+        let single = tokio::process::Command::new(&bin)
+            .args(["-n", "-f"])
+            .arg(&script)
+            .args(["-c", "1", "-T", "1"])
+            .arg(&self.db.url)
+            .output()
+            .await
+            .context("running pgbench")?;
+        let commit_ms = String::from_utf8_lossy(&single.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("latency average = "))
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
         self.reset().await?;
         print_table(
             "Database baseline (pgbench: 1 notification + 3 deliveries in one statement per transaction)",
@@ -600,11 +619,16 @@ impl Bench {
                 ("clients", self.args.connections.to_string()),
                 ("duration", format!("{} s", self.sizes.pgbench_secs)),
                 ("transactions/s", format!("{tps:.0}")),
+                (
+                    "1 client: latency",
+                    commit_ms.map_or("-".to_owned(), |ms| format!("{ms:.2} ms per transaction (a durable commit)")),
+                ),
             ],
         );
         self.report.insert(
             "pgbench".into(),
-            json!({"clients": self.args.connections, "secs": self.sizes.pgbench_secs, "tps": tps}),
+            json!({"clients": self.args.connections, "secs": self.sizes.pgbench_secs, "tps": tps,
+                   "single_client_latency_ms": commit_ms}),
         );
         Ok(Some(tps))
     }
@@ -613,7 +637,9 @@ impl Bench {
         let n = self.sizes.ingest;
         let (redis_before, pg_before) = (self.used_memory().await?, self.pg_bytes().await?);
         let limit = Duration::from_secs(if self.args.quick { 30 } else { 300 });
+        let cpu0 = cpu::snapshot();
         let r = load::closed_loop(&self.target, n, self.args.connections, limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
         self.sample_memory();
         // Jobs are pushed before each 202; the enqueued marks follow.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -646,6 +672,7 @@ impl Bench {
         if !r.error_samples.is_empty() {
             rows.push(("errors, e.g.", r.error_samples.join(" | ")));
         }
+        rows.push(("CPU, cores", cpu::describe(&cpu)));
         print_table("1. Ingest (workers stopped)", &rows);
         let per_delivery_redis = (redis_after - redis_before) as f64 / queued.max(1) as f64;
         let per_delivery_exact = queue_bytes as f64 / jobs.max(1) as f64;
@@ -655,7 +682,7 @@ impl Bench {
             json!({"notifications": n, "accepted": r.accepted, "errors": r.errors, "connections": self.args.connections,
                    "requests_per_sec": rps, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
                    "elapsed_secs": r.elapsed.as_secs_f64(), "vs_pgbench": ratio,
-                   "queued_in_postgres": queued, "jobs_in_redis": jobs}),
+                   "queued_in_postgres": queued, "jobs_in_redis": jobs, "cpu_cores": cpu_json(&cpu)}),
         );
         self.report.insert(
             "footprint_queued".into(),
@@ -690,6 +717,7 @@ impl Bench {
             .fetch_one(&self.db.pool)
             .await?;
         let redis_before = self.used_memory().await?;
+        let cpu0 = cpu::snapshot();
         self.start_workers()?;
         let limit = Duration::from_secs(if self.args.quick {
             60
@@ -697,6 +725,7 @@ impl Bench {
             60 + backlog.unsigned_abs() / 2_000
         });
         let wall = self.wait_all_final(limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
         let (n, rate) = self.drain_rate().await?;
         let check = self.check().await?;
         // Acks are written a few ms after the results.
@@ -721,6 +750,7 @@ impl Bench {
                     format!("{:.2} s incl. worker start-up", wall.as_secs_f64()),
                 ),
                 ("check", check.line()),
+                ("CPU, cores", cpu::describe(&cpu)),
                 (
                     "Redis left after completion",
                     format!(
@@ -732,7 +762,7 @@ impl Bench {
         self.report.insert(
             "drain".into(),
             json!({"backlog": backlog, "deliveries": n, "deliveries_per_sec": rate, "wall_secs": wall.as_secs_f64(),
-                   "check": check.json()}),
+                   "check": check.json(), "cpu_cores": cpu_json(&cpu)}),
         );
         self.report.insert(
             "footprint_completed".into(),
@@ -779,7 +809,9 @@ impl Bench {
                 samples
             })
         };
+        let cpu0 = cpu::snapshot();
         let (r, behind) = load::paced(&self.target, rate, dur, self.args.connections).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
         let offered_secs = r.elapsed.as_secs_f64();
         let samples = sampler.await.unwrap_or_default();
         let final_in_window: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE finished_at IS NOT NULL")
@@ -862,7 +894,8 @@ impl Bench {
                    "behind_schedule": behind, "achieved_per_sec": achieved, "final_deliveries_per_sec": completed,
                    "post_p50_ms": percentile(&post, 50.0), "post_p99_ms": percentile(&post, 99.0),
                    "post_to_final_p50_ms": p50, "post_to_final_p99_ms": p99, "backlog_samples": samples,
-                   "backlog_grows": grows, "tail_secs": tail.as_secs_f64(), "check": check.json()}),
+                   "backlog_grows": grows, "tail_secs": tail.as_secs_f64(), "check": check.json(),
+                   "cpu_cores": cpu_json(&cpu)}),
         );
         let met = achieved >= 5_000.0 * 0.98 && !grows && r.errors == 0;
         self.verdict(
@@ -968,23 +1001,25 @@ impl Bench {
     }
 
     /// Seeds `n` deliveries with the workers stopped, then drains them.
-    async fn backlog_drain(&mut self, n: u64) -> anyhow::Result<(f64, Check, f64)> {
+    async fn backlog_drain(&mut self, n: u64) -> anyhow::Result<(f64, Check, f64, Vec<(&'static str, f64)>)> {
         self.stop_workers();
         let t = Instant::now();
         let written = seed::backlog(&self.db.pool, &self.queue, &self.users, n).await?;
         let seeded = t.elapsed().as_secs_f64();
+        let cpu0 = cpu::snapshot();
         self.start_workers()?;
         let limit = Duration::from_secs(60 + written / 2_000);
         self.wait_all_final(limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
         let (_, rate) = self.drain_rate().await?;
         let check = self.check().await?;
         self.reset().await?;
-        Ok((rate, check, seeded))
+        Ok((rate, check, seeded, cpu))
     }
 
     async fn scaling(&mut self) -> anyhow::Result<()> {
         let small = self.sizes.backlog;
-        let (rate_small, check_small, seed_small) = self.backlog_drain(small).await?;
+        let (rate_small, check_small, seed_small, cpu_small) = self.backlog_drain(small).await?;
         let mut rows = vec![
             (
                 "seeding",
@@ -997,11 +1032,12 @@ impl Bench {
                     check_small.line()
                 ),
             ),
+            ("small: CPU, cores", cpu::describe(&cpu_small)),
         ];
-        let mut j =
-            json!({"small": {"deliveries": small, "deliveries_per_sec": rate_small, "check": check_small.json()}});
+        let mut j = json!({"small": {"deliveries": small, "deliveries_per_sec": rate_small, "check": check_small.json(),
+                                     "cpu_cores": cpu_json(&cpu_small)}});
         if let Some(big) = self.args.big_backlog {
-            let (rate_big, check_big, seed_big) = self.backlog_drain(big).await?;
+            let (rate_big, check_big, seed_big, cpu_big) = self.backlog_drain(big).await?;
             let ratio = rate_big / rate_small;
             rows.push((
                 "big backlog",
@@ -1010,9 +1046,10 @@ impl Bench {
                     check_big.line()
                 ),
             ));
+            rows.push(("big: CPU, cores", cpu::describe(&cpu_big)));
             rows.push(("big / small", format!("{ratio:.2}")));
-            j["big"] =
-                json!({"deliveries": big, "deliveries_per_sec": rate_big, "check": check_big.json(), "ratio": ratio});
+            j["big"] = json!({"deliveries": big, "deliveries_per_sec": rate_big, "check": check_big.json(),
+                              "ratio": ratio, "cpu_cores": cpu_json(&cpu_big)});
             self.verdict(
                 "drain at big backlog",
                 "within 10% of the small one",

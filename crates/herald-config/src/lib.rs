@@ -35,6 +35,7 @@ variables! {
     "HERALD_QUEUE_PREFIX" = Some("herald"), "Prefix of every Redis key Herald writes.";
     "HERALD_BIND" = Some("127.0.0.1:8080"), "Address the API listens on.";
     "HERALD_MAX_BODY_BYTES" = Some("262144"), "Largest request body the API accepts, in bytes.";
+    "HERALD_API_KEY_CACHE_SECS" = Some("5"), "How long the API trusts an API key it authenticated without asking Postgres again; a revoked key keeps working for at most this long per API process. 0 turns the cache off.";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
     "HERALD_WORKER_CONCURRENCY" = Some("64"), "Deliveries one worker process handles at once.";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
@@ -172,6 +173,7 @@ pub struct Settings {
     pub queue_prefix: String,
     pub bind: SocketAddr,
     pub max_body_bytes: usize,
+    pub api_key_cache: Duration,
     pub log_format: LogFormat,
     pub worker_concurrency: usize,
     pub lease: Duration,
@@ -274,6 +276,7 @@ impl Settings {
             },
             bind: src.parse("HERALD_BIND", "an address like 127.0.0.1:8080")?,
             max_body_bytes: src.parse_in("HERALD_MAX_BODY_BYTES", 1024..=64 * 1024 * 1024)?,
+            api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
             log_format,
             worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
