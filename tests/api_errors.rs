@@ -8,6 +8,8 @@ use serde_json::{Value, json};
 async fn app() -> TestApp {
     TestApp::spawn_with(Parts::api_only(), |env| {
         env.insert("HERALD_MAX_BODY_BYTES".into(), "4096".into());
+        // Short, so the revocation test waits little for the key cache.
+        env.insert("HERALD_API_KEY_CACHE_SECS".into(), "1".into());
     })
     .await
 }
@@ -190,15 +192,32 @@ async fn requests_without_a_valid_key_or_scope_are_refused() {
         .unwrap();
     assert_eq!(ok.status(), 202);
     herald_db::api_keys::revoke_api_key(app.pool(), &key.id).await.unwrap();
-    let res = app
-        .http
-        .post(app.url("/v1/notifications"))
-        .bearer_auth(&token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 401);
+    // The API trusts a key it authenticated for HERALD_API_KEY_CACHE_SECS:
+    // the revoked key must be refused once that has passed, and never later.
+    let revoked_at = std::time::Instant::now();
+    let ttl = app.settings.api_key_cache;
+    loop {
+        let res = app
+            .http
+            .post(app.url("/v1/notifications"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 401 {
+            let (s, b) = status_and_json(res).await;
+            expect_error(s, &b, 401, "invalid_api_key");
+            break;
+        }
+        assert_eq!(res.status(), 202);
+        assert!(
+            revoked_at.elapsed() <= ttl + std::time::Duration::from_millis(500),
+            "a revoked key still worked {:?} after revocation (cache TTL {ttl:?})",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // X-Api-Key works as well as the bearer form.
     let res = app
         .http
@@ -395,5 +414,30 @@ async fn the_openapi_document_lists_every_route() {
         expected.len(),
         "undocumented expectations: {documented:?}"
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_key_cache_a_revoked_key_is_refused_at_once() {
+    let app = TestApp::spawn_with(Parts::api_only(), |env| {
+        env.insert("HERALD_API_KEY_CACHE_SECS".into(), "0".into());
+    })
+    .await;
+    let body = json!({"user_id": "u_1", "title": "Hi", "channels": ["in_app"]});
+    let send = vec!["send".to_owned()];
+    let (key, token) = herald_db::api_keys::create_api_key(app.pool(), "s", &send)
+        .await
+        .unwrap();
+    let post = || {
+        app.http
+            .post(app.url("/v1/notifications"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 202);
+    herald_db::api_keys::revoke_api_key(app.pool(), &key.id).await.unwrap();
+    let (s, b) = status_and_json(post().await.unwrap()).await;
+    expect_error(s, &b, 401, "invalid_api_key");
     app.stop().await;
 }

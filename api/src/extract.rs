@@ -114,8 +114,14 @@ impl FromRequestParts<AppState> for Caller {
                 "send an API key as `Authorization: Bearer hk_…`",
             ));
         };
+        if let Some(key) = state.keys.get(token) {
+            return Ok(Self(key));
+        }
         match herald_db::api_keys::authenticate(&state.pool, token).await? {
-            Some(key) => Ok(Self(key)),
+            Some(key) => {
+                state.keys.put(token, &key);
+                Ok(Self(key))
+            }
             None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_api_key",

@@ -26,6 +26,7 @@ use utoipa_axum::routes;
 pub mod error;
 pub mod extract;
 pub mod ingest;
+pub mod key_cache;
 pub mod routes;
 pub mod user_token;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub redis_down: Arc<std::sync::atomic::AtomicBool>,
     /// Group commit for accepted notifications.
     pub ingestor: ingest::Ingestor,
+    /// API keys authenticated recently (`HERALD_API_KEY_CACHE_SECS`).
+    pub keys: Arc<key_cache::KeyCache>,
 }
 
 impl AppState {
@@ -70,6 +73,7 @@ impl AppState {
         Ok(Self {
             pool,
             queue,
+            keys: Arc::new(key_cache::KeyCache::new(settings.api_key_cache)),
             settings: Arc::new(settings),
             redis_down,
             ingestor,

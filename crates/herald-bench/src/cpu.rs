@@ -1,0 +1,112 @@
+//! Where the CPU went during a scenario, from /proc: each of Herald's
+//! processes, Postgres (all its backends), Redis, the bench itself, and
+//! everything else on the machine (other people's builds and tests show up
+//! there, which is how a noisy run is recognised).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+pub struct Snapshot {
+    at: Instant,
+    by_group: BTreeMap<&'static str, u64>,
+    /// Busy and total ticks of the whole machine (/proc/stat).
+    busy: u64,
+    total: u64,
+}
+
+fn group(comm: &str) -> &'static str {
+    // comm is cut to 15 bytes.
+    match comm {
+        "herald-api" => "api",
+        c if c.starts_with("herald-email") => "email-worker",
+        c if c.starts_with("herald-push") => "push-worker",
+        c if c.starts_with("herald-inapp") => "inapp-worker",
+        c if c.starts_with("herald-bench") => "bench",
+        "postgres" => "postgres",
+        c if c.starts_with("redis-server") => "redis",
+        _ => "other",
+    }
+}
+
+pub fn snapshot() -> Snapshot {
+    let mut by_group: BTreeMap<&'static str, u64> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            // After ")": state is field 3; utime and stime are fields 14, 15.
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            *by_group.entry(group(comm)).or_default() += ticks;
+        }
+    }
+    let (mut busy, mut total) = (0, 0);
+    if let Ok(stat) = std::fs::read_to_string("/proc/stat")
+        && let Some(line) = stat.lines().next()
+    {
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        total = v.iter().take(8).sum();
+        // idle and iowait are fields 4 and 5.
+        busy = total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0);
+    }
+    Snapshot {
+        at: Instant::now(),
+        by_group,
+        busy,
+        total,
+    }
+}
+
+/// Cores used per group between two snapshots, plus `other` (the machine's
+/// busy time not accounted to a group, e.g. processes that came and went)
+/// and `idle`.
+pub fn usage(a: &Snapshot, b: &Snapshot) -> Vec<(&'static str, f64)> {
+    let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
+    let mut out = Vec::new();
+    let mut accounted = 0.0;
+    for name in [
+        "api",
+        "email-worker",
+        "push-worker",
+        "inapp-worker",
+        "postgres",
+        "redis",
+        "bench",
+    ] {
+        let d = b
+            .by_group
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(a.by_group.get(name).copied().unwrap_or(0));
+        let cores = d as f64 / TICKS / secs;
+        accounted += cores;
+        out.push((name, cores));
+    }
+    let busy = b.busy.saturating_sub(a.busy) as f64 / TICKS / secs;
+    let total = b.total.saturating_sub(a.total) as f64 / TICKS / secs;
+    out.push(("other", (busy - accounted).max(0.0)));
+    out.push(("idle", (total - busy).max(0.0)));
+    out
+}
+
+pub fn describe(usage: &[(&str, f64)]) -> String {
+    usage
+        .iter()
+        .map(|(n, c)| format!("{n} {c:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,1259 @@
+//! `herald-bench`: Herald's benchmark. It runs Herald's real binaries as
+//! separate processes (the API and one process per channel worker) against
+//! a fresh database and Redis prefix of its own, delivers over SMTP and
+//! HTTP/1.1 + HTTP/2 to lean sinks on loopback, and reports per scenario a
+//! table on stdout (and JSON with `--json`): ingest, drain, end to end, idle
+//! latency, footprint, backlog scaling, plus a `pgbench` baseline of the
+//! database alone. Every scenario checks that nothing was lost: every
+//! accepted delivery final, every sent one seen at its sink.
+//!
+//! See the README's "Performance" section for how to run it and what it
+//! measured.
+
+mod cluster;
+mod cpu;
+mod load;
+mod seed;
+mod sinks;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use cluster::{BenchDb, HeraldProcess};
+use futures::StreamExt;
+use herald_queue::{QueueClient, QueueConfig, QueueName};
+use serde_json::{Value, json};
+use sinks::Receipts;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald-bench", about = "Benchmark Herald's real binaries on this machine")]
+struct Args {
+    /// Every scenario at small N (well under a minute): checks that the
+    /// bench runs and nothing is lost, not the speed.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep-alive connections of the load generator.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Notifications (× 3 channels) POSTed in the ingest scenario; their
+    /// deliveries are the drain scenario's backlog. Default 100,000 (quick 2,000).
+    #[arg(long)]
+    ingest: Option<u64>,
+    /// Offered rate of the end-to-end scenario, notifications/s. Default 5,000 (quick 300).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Length of the end-to-end scenario in seconds. Default 20 (quick 3).
+    #[arg(long)]
+    e2e_secs: Option<u64>,
+    /// Notifications sent one at a time in the idle-latency scenario. Default 300 (quick 20).
+    #[arg(long)]
+    idle: Option<u64>,
+    /// Deliveries in the small backlog of the scaling scenario. Default 10,000 (quick 1,500).
+    #[arg(long)]
+    backlog: Option<u64>,
+    /// Also drain a backlog of this many deliveries (e.g. 1000000) in the
+    /// scaling scenario; takes minutes.
+    #[arg(long)]
+    big_backlog: Option<u64>,
+    /// Seconds of the pgbench baseline. Default 10 (quick 2).
+    #[arg(long)]
+    pgbench_secs: Option<u64>,
+    /// Recipients (each with an email address and one push device).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Postgres server (the bench creates and drops its own database on it).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pg: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// `RUST_LOG` of Herald's processes. Per-delivery info lines cost CPU;
+    /// the default keeps warnings only.
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Extra `KEY=VALUE` settings for Herald's processes (tuning experiments).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+struct Sizes {
+    ingest: u64,
+    rate: u64,
+    e2e: Duration,
+    idle: u64,
+    backlog: u64,
+    pgbench_secs: u64,
+}
+
+impl Sizes {
+    fn from(args: &Args) -> Self {
+        let q = args.quick;
+        Self {
+            ingest: args.ingest.unwrap_or(if q { 2_000 } else { 100_000 }),
+            rate: args.rate.unwrap_or(if q { 300 } else { 5_000 }),
+            e2e: Duration::from_secs(args.e2e_secs.unwrap_or(if q { 3 } else { 20 })),
+            idle: args.idle.unwrap_or(if q { 20 } else { 300 }),
+            backlog: args.backlog.unwrap_or(if q { 1_500 } else { 10_000 }),
+            pgbench_secs: args.pgbench_secs.unwrap_or(if q { 2 } else { 10 }),
+        }
+    }
+}
+
+/// What the sinks received, per channel (in-app: the live event, keyed by
+/// notification id; the inbox row is checked in Postgres).
+struct AllReceipts {
+    email: Arc<Receipts>,
+    push: Arc<Receipts>,
+    inapp: Arc<Receipts>,
+}
+
+impl AllReceipts {
+    fn clear(&self) {
+        self.email.clear();
+        self.push.clear();
+        self.inapp.clear();
+    }
+}
+
+struct Bench {
+    args: Args,
+    sizes: Sizes,
+    dir: PathBuf,
+    db: BenchDb,
+    queue: QueueClient,
+    redis: redis::aio::MultiplexedConnection,
+    env: HashMap<String, String>,
+    log_dir: tempfile::TempDir,
+    api: Option<HeraldProcess>,
+    api_addr: std::net::SocketAddr,
+    workers: Vec<HeraldProcess>,
+    /// Peak resident memory per binary, kB (max over its processes).
+    peaks: HashMap<&'static str, u64>,
+    receipts: AllReceipts,
+    users: Vec<String>,
+    target: load::Target,
+    report: serde_json::Map<String, Value>,
+    /// One row per target: (what, goal, measured, met).
+    verdicts: Vec<(String, String, String, Option<bool>)>,
+    lost: u64,
+    _sinks: Vec<sinks::Running>,
+}
+
+/// A scenario's nothing-lost check.
+#[derive(Debug, Default)]
+struct Check {
+    deliveries: i64,
+    not_final: i64,
+    not_sent: i64,
+    lost: i64,
+    duplicates: u64,
+}
+
+impl Check {
+    fn ok(&self) -> bool {
+        self.not_final == 0 && self.not_sent == 0 && self.lost == 0
+    }
+
+    fn json(&self) -> Value {
+        json!({"deliveries": self.deliveries, "not_final": self.not_final, "not_sent": self.not_sent,
+               "lost": self.lost, "duplicates_at_sinks": self.duplicates, "ok": self.ok()})
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} deliveries; not final {}, failed/other {}, lost (not at sink) {}, duplicates at sinks {} → {}",
+            self.deliveries,
+            self.not_final,
+            self.not_sent,
+            self.lost,
+            self.duplicates,
+            if self.ok() {
+                "nothing lost"
+            } else {
+                "LOST OR UNFINISHED"
+            }
+        )
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn sorted_ms(us: &[u32]) -> Vec<f64> {
+    let mut v: Vec<f64> = us.iter().map(|u| f64::from(*u) / 1000.0).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn print_table(title: &str, rows: &[(&str, String)]) {
+    println!("\n## {title}");
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("  {k:<w$}  {v}");
+    }
+}
+
+fn cpu_json(usage: &[(&str, f64)]) -> Value {
+    Value::Object(usage.iter().map(|(n, c)| ((*n).to_owned(), json!(c))).collect())
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+impl Bench {
+    async fn start(args: Args) -> anyhow::Result<Self> {
+        let sizes = Sizes::from(&args);
+        let dir = cluster::binaries_dir()?;
+        let db = BenchDb::create(&args.pg).await?;
+        let prefix = format!("herald-bench-{}", std::process::id());
+        let mut qcfg = QueueConfig {
+            redis_url: args.redis.clone(),
+            prefix: prefix.clone(),
+            ..QueueConfig::default()
+        };
+        qcfg.lease = Duration::from_secs(30);
+        let queue = QueueClient::new(qcfg).context("REDIS_URL")?;
+        // A long-running deployment has its epoch marker; without it the
+        // first worker's sweeper would take the bench's backlog for a Redis
+        // that lost its data and push every job again.
+        queue.check_epoch().await.context("Redis (is it running?)")?;
+        let client = redis::Client::open(args.redis.as_str())?;
+        let redis = client.get_multiplexed_async_connection().await?;
+        let log_dir = tempfile::Builder::new().prefix("herald-bench-").tempdir()?;
+
+        let receipts = AllReceipts {
+            email: Arc::default(),
+            push: Arc::default(),
+            inapp: Arc::default(),
+        };
+        let smtp = sinks::start_smtp(Arc::clone(&receipts.email)).await?;
+        let push = sinks::start_push(Arc::clone(&receipts.push)).await?;
+        // In-app: the live event each delivery publishes.
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(queue.events_channel()).await?;
+        let inapp = Arc::clone(&receipts.inapp);
+        tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                const NEEDLE: &[u8] = b"\"notification_id\":\"";
+                if let Some(at) = memchr::memmem::find(&payload, NEEDLE).map(|a| a + NEEDLE.len())
+                    && let Some(end) = memchr::memchr(b'"', &payload[at..])
+                {
+                    inapp.record(&String::from_utf8_lossy(&payload[at..at + end]));
+                }
+            }
+        });
+
+        let api_port = cluster::free_port()?;
+        let api_addr: std::net::SocketAddr = ([127, 0, 0, 1], api_port).into();
+        let mut env: HashMap<String, String> = [
+            ("DATABASE_URL", db.url.clone()),
+            ("REDIS_URL", args.redis.clone()),
+            ("HERALD_QUEUE_PREFIX", prefix),
+            ("HERALD_BIND", api_addr.to_string()),
+            ("HERALD_EMAIL_TRANSPORT", "smtp".to_owned()),
+            ("HERALD_SMTP_URL", format!("smtp://{}", smtp.addr)),
+            ("HERALD_LOG_FORMAT", "json".to_owned()),
+            ("RUST_LOG", args.log.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(sinks::push_env(log_dir.path(), push.addr)?);
+        for kv in &args.set {
+            let (k, v) = kv.split_once('=').context("--set takes KEY=VALUE")?;
+            env.insert(k.to_owned(), v.to_owned());
+        }
+
+        let users = seed::users(&db.pool, args.users.max(1)).await?;
+        let scopes = vec!["send".to_owned(), "read".to_owned()];
+        let (_, key) = herald_db::api_keys::create_api_key(&db.pool, "bench", &scopes).await?;
+        let bodies: Vec<Bytes> = users
+            .iter()
+            .map(|u| {
+                Bytes::from(
+                    json!({"user_id": u, "category": "bench", "priority": "normal",
+                           "channels": ["email", "push", "in_app"], "title": "Your order shipped",
+                           "body": "Order 1234 is on its way.", "data": {"order_id": "1234"}})
+                    .to_string(),
+                )
+            })
+            .collect();
+        let target = load::Target {
+            addr: api_addr,
+            authorization: format!("Bearer {key}"),
+            bodies: Arc::new(bodies),
+        };
+        Ok(Self {
+            args,
+            sizes,
+            dir,
+            db,
+            queue,
+            redis,
+            env,
+            log_dir,
+            api: None,
+            api_addr,
+            workers: Vec::new(),
+            peaks: HashMap::new(),
+            receipts,
+            users,
+            target,
+            report: serde_json::Map::new(),
+            verdicts: Vec::new(),
+            lost: 0,
+            _sinks: vec![smtp, push],
+        })
+    }
+
+    async fn start_api(&mut self) -> anyhow::Result<()> {
+        let mut api = HeraldProcess::spawn(&self.dir, cluster::API, &self.env, self.log_dir.path())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            api.check_alive()?;
+            if let Ok(mut s) = load::connect(self.api_addr).await {
+                let req = hyper::Request::get("/readyz")
+                    .header("host", "herald")
+                    .body(http_body_util::Full::new(Bytes::new()))?;
+                if s.send_request(req).await.is_ok_and(|r| r.status() == 200) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the API did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.api = Some(api);
+        Ok(())
+    }
+
+    fn start_workers(&mut self) -> anyhow::Result<()> {
+        for name in cluster::WORKERS {
+            self.workers
+                .push(HeraldProcess::spawn(&self.dir, name, &self.env, self.log_dir.path())?);
+        }
+        Ok(())
+    }
+
+    /// Waits until all three workers registered with Redis.
+    async fn workers_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.queue.workers().await.map(|w| w.len()).unwrap_or(0) < 3 {
+            for w in &mut self.workers {
+                w.check_alive()?;
+            }
+            if Instant::now() > deadline {
+                bail!("the workers did not register within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            let name = w.name;
+            let peak = w.stop();
+            let e = self.peaks.entry(name).or_default();
+            *e = (*e).max(peak);
+        }
+    }
+
+    fn sample_memory(&mut self) {
+        for p in self.api.iter_mut().chain(self.workers.iter_mut()) {
+            p.sample_memory();
+            let e = self.peaks.entry(p.name).or_default();
+            *e = (*e).max(p.peak_kb);
+        }
+    }
+
+    /// Waits until no delivery is waiting or being sent (bounded).
+    async fn wait_all_final(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status IN ('queued', 'sending', 'retrying')")
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            if pending == 0 {
+                return Ok(started.elapsed());
+            }
+            for w in &mut self.workers {
+                w.check_alive()?;
+            }
+            self.sample_memory();
+            if started.elapsed() > limit {
+                eprintln!("warning: {pending} deliveries still not final after {limit:?}");
+                return Ok(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every delivery final and sent (in-app: delivered), and each one seen
+    /// where it was sent: email and push at their sinks, in-app in the inbox.
+    async fn check(&mut self) -> anyhow::Result<Check> {
+        let pool = &self.db.pool;
+        let counts: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT channel, status, count(*) FROM deliveries GROUP BY 1, 2")
+                .fetch_all(pool)
+                .await?;
+        let mut c = Check::default();
+        for (channel, status, n) in &counts {
+            c.deliveries += n;
+            match status.as_str() {
+                "queued" | "sending" | "retrying" => c.not_final += n,
+                "sent" if channel != "in_app" => {}
+                "delivered" if channel == "in_app" => {}
+                _ => c.not_sent += n,
+            }
+        }
+        for (channel, receipts) in [("email", &self.receipts.email), ("push", &self.receipts.push)] {
+            let ids: Vec<String> =
+                sqlx::query_scalar("SELECT id FROM deliveries WHERE channel = $1 AND status = 'sent'")
+                    .bind(channel)
+                    .fetch_all(pool)
+                    .await?;
+            c.lost += ids.iter().filter(|id| receipts.get(id).is_none()).count() as i64;
+            c.duplicates += receipts.total().saturating_sub(receipts.unique());
+        }
+        let no_inbox: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM deliveries d WHERE d.channel = 'in_app' AND d.status = 'delivered'
+             AND NOT EXISTS (SELECT 1 FROM inbox_items i WHERE i.notification_id = d.notification_id)",
+        )
+        .fetch_one(pool)
+        .await?;
+        c.lost += no_inbox;
+        if !c.ok() {
+            self.lost += (c.not_final + c.not_sent + c.lost).unsigned_abs();
+        }
+        Ok(c)
+    }
+
+    /// Empties the tables and the sinks' records between scenarios.
+    async fn reset(&mut self) -> anyhow::Result<()> {
+        sqlx::query("TRUNCATE notifications, deliveries, delivery_attempts, inbox_items, idempotency_keys")
+            .execute(&self.db.pool)
+            .await?;
+        self.receipts.clear();
+        Ok(())
+    }
+
+    async fn used_memory(&mut self) -> anyhow::Result<i64> {
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut self.redis).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("INFO memory has no used_memory")
+    }
+
+    /// Keys under the bench's prefix and their `MEMORY USAGE` sum: exact,
+    /// unlike `used_memory`, which other users of this Redis move too.
+    async fn prefix_memory(&mut self) -> anyhow::Result<(u64, u64)> {
+        let pattern = format!("*{}:*", self.queue.config().prefix);
+        let mut cursor: u64 = 0;
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.redis)
+                .await?;
+            for k in batch {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&k)
+                    .arg("SAMPLES")
+                    .arg(0)
+                    .query_async(&mut self.redis)
+                    .await?;
+                keys += 1;
+                bytes += used.unwrap_or(0);
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok((keys, bytes));
+            }
+        }
+    }
+
+    async fn queue_keys_bytes(&mut self) -> anyhow::Result<u64> {
+        let prefix = self.queue.config().prefix.clone();
+        let mut total = 0;
+        for q in QueueName::all() {
+            for k in q.keys(&prefix).all() {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(k)
+                    .arg("SAMPLES")
+                    .arg(0)
+                    .query_async(&mut self.redis)
+                    .await?;
+                total += used.unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    async fn pg_bytes(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT (pg_total_relation_size('notifications') + pg_total_relation_size('deliveries')
+                   + pg_total_relation_size('delivery_attempts') + pg_total_relation_size('inbox_items'))::BIGINT",
+        )
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    async fn backlog_now(&self) -> u64 {
+        let mut n = 0;
+        for q in QueueName::all() {
+            if let Ok(c) = self.queue.counts(q).await {
+                n += c.ready + c.in_flight + c.scheduled;
+            }
+        }
+        n
+    }
+
+    /// Deliveries per second between the first claim and the last final
+    /// state, by the database's clock (process start-up excluded).
+    async fn drain_rate(&self) -> anyhow::Result<(i64, f64)> {
+        let (n, secs): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - (SELECT min(started_at) FROM delivery_attempts))::FLOAT8
+             FROM deliveries WHERE finished_at IS NOT NULL",
+        )
+        .fetch_one(&self.db.pool)
+        .await?;
+        let secs = secs.unwrap_or(f64::NAN).max(1e-3);
+        Ok((n, n as f64 / secs))
+    }
+
+    fn verdict(&mut self, what: &str, goal: &str, measured: String, met: Option<bool>) {
+        // Quick runs check that everything works, not the speed.
+        let met = if self.args.quick { None } else { met };
+        self.verdicts.push((what.to_owned(), goal.to_owned(), measured, met));
+    }
+
+    // ------------------------------------------------------------ scenarios
+
+    async fn pgbench(&mut self) -> anyhow::Result<Option<f64>> {
+        let Some(bin) = pgbench_binary() else {
+            println!("\n## Database baseline: pgbench not found (apt-get install postgresql-contrib)");
+            return Ok(None);
+        };
+        let script = self.log_dir.path().join("accept.sql");
+        std::fs::write(
+            &script,
+            "\\set u random(0, 999)\n\
+             WITH n AS (INSERT INTO notifications (id, user_id, category, priority, title, body, data, request_id) \
+             VALUES ('ntf_' || gen_random_uuid(), 'bench_u' || :u, 'bench', 'normal', 'Your order shipped', \
+             'Order 1234 is on its way.', '{\"order_id\": \"1234\"}', 'req') RETURNING id, user_id) \
+             INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts) \
+             SELECT 'dlv_' || gen_random_uuid(), n.id, n.user_id, c, 'normal', 'queued', 8 \
+             FROM n, unnest(ARRAY['email', 'push', 'in_app']) AS c;\n",
+        )?;
+        let out = tokio::process::Command::new(&bin)
+            .args(["-n", "-f"])
+            .arg(&script)
+            .args([
+                "-c",
+                &self.args.connections.to_string(),
+                "-j",
+                "2",
+                "-T",
+                &self.sizes.pgbench_secs.to_string(),
+            ])
+            .arg(&self.db.url)
+            .output()
+            .await
+            .context("running pgbench")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l[6..].split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok());
+        let Some(tps) = tps else {
+            println!(
+                "\n## Database baseline: pgbench failed: {}",
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            );
+            return Ok(None);
+        };
+        // The same statement from one client: the latency of one durable
+        // commit, the floor under every POST and every claim.
+        let single = tokio::process::Command::new(&bin)
+            .args(["-n", "-f"])
+            .arg(&script)
+            .args(["-c", "1", "-T", "1"])
+            .arg(&self.db.url)
+            .output()
+            .await
+            .context("running pgbench")?;
+        let commit_ms = String::from_utf8_lossy(&single.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("latency average = "))
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
+        self.reset().await?;
+        print_table(
+            "Database baseline (pgbench: 1 notification + 3 deliveries in one statement per transaction)",
+            &[
+                ("clients", self.args.connections.to_string()),
+                ("duration", format!("{} s", self.sizes.pgbench_secs)),
+                ("transactions/s", format!("{tps:.0}")),
+                (
+                    "1 client: latency",
+                    commit_ms.map_or("-".to_owned(), |ms| {
+                        format!("{ms:.2} ms per transaction (a durable commit)")
+                    }),
+                ),
+            ],
+        );
+        self.report.insert(
+            "pgbench".into(),
+            json!({"clients": self.args.connections, "secs": self.sizes.pgbench_secs, "tps": tps,
+                   "single_client_latency_ms": commit_ms}),
+        );
+        Ok(Some(tps))
+    }
+
+    async fn ingest(&mut self, pgbench_tps: Option<f64>) -> anyhow::Result<()> {
+        let n = self.sizes.ingest;
+        let (redis_before, pg_before) = (self.used_memory().await?, self.pg_bytes().await?);
+        let limit = Duration::from_secs(if self.args.quick { 30 } else { 300 });
+        let cpu0 = cpu::snapshot();
+        let r = load::closed_loop(&self.target, n, self.args.connections, limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+        self.sample_memory();
+        // Jobs are pushed before each 202; the enqueued marks follow.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (redis_after, pg_after) = (self.used_memory().await?, self.pg_bytes().await?);
+        let queue_bytes = self.queue_keys_bytes().await?;
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'queued'")
+            .fetch_one(&self.db.pool)
+            .await?;
+        let jobs = self.backlog_now().await;
+        let lat = sorted_ms(&r.latencies_us);
+        let rps = r.accepted as f64 / r.elapsed.as_secs_f64();
+        let (p50, p95, p99) = (percentile(&lat, 50.0), percentile(&lat, 95.0), percentile(&lat, 99.0));
+        let ratio = pgbench_tps.map(|t| rps / t);
+        let mut rows = vec![
+            ("notifications", format!("{} accepted, {} errors", r.accepted, r.errors)),
+            ("connections", self.args.connections.to_string()),
+            ("requests/s", format!("{rps:.0} ({:.0} deliveries/s)", rps * 3.0)),
+            ("latency p50/p95/p99", format!("{p50:.2} / {p95:.2} / {p99:.2} ms")),
+            (
+                "deliveries queued",
+                format!("{queued} in Postgres, {jobs} jobs in Redis"),
+            ),
+        ];
+        if let Some(ratio) = ratio {
+            rows.push((
+                "vs pgbench",
+                format!("{ratio:.2}× the database's one-statement-per-request rate"),
+            ));
+        }
+        if !r.error_samples.is_empty() {
+            rows.push(("errors, e.g.", r.error_samples.join(" | ")));
+        }
+        rows.push(("CPU, cores", cpu::describe(&cpu)));
+        print_table("1. Ingest (workers stopped)", &rows);
+        let per_delivery_redis = (redis_after - redis_before) as f64 / queued.max(1) as f64;
+        let per_delivery_exact = queue_bytes as f64 / jobs.max(1) as f64;
+        let per_ntf_pg = (pg_after - pg_before) as f64 / r.accepted.max(1) as f64;
+        self.report.insert(
+            "ingest".into(),
+            json!({"notifications": n, "accepted": r.accepted, "errors": r.errors, "connections": self.args.connections,
+                   "requests_per_sec": rps, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+                   "elapsed_secs": r.elapsed.as_secs_f64(), "vs_pgbench": ratio,
+                   "queued_in_postgres": queued, "jobs_in_redis": jobs, "cpu_cores": cpu_json(&cpu)}),
+        );
+        self.report.insert(
+            "footprint_queued".into(),
+            json!({"redis_used_memory_delta": redis_after - redis_before,
+                   "redis_bytes_per_queued_delivery": per_delivery_redis,
+                   "redis_queue_keys_bytes": queue_bytes,
+                   "redis_memory_usage_per_queued_delivery": per_delivery_exact,
+                   "postgres_bytes_per_notification_queued": per_ntf_pg}),
+        );
+        let ok_count = queued == (r.accepted * 3) as i64 && jobs >= r.accepted * 3;
+        if !ok_count || r.errors > 0 {
+            eprintln!(
+                "warning: ingest wrote {queued} queued deliveries and {jobs} jobs for {} accepted",
+                r.accepted
+            );
+        }
+        if r.errors > 0 {
+            self.lost += r.errors;
+        }
+        self.verdict(
+            "ingest rate",
+            "≥ 10,000 notifications/s",
+            format!("{rps:.0}/s"),
+            Some(rps >= 10_000.0),
+        );
+        self.verdict("ingest p99", "≤ 20 ms", format!("{p99:.1} ms"), Some(p99 <= 20.0));
+        Ok(())
+    }
+
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'queued'")
+            .fetch_one(&self.db.pool)
+            .await?;
+        let redis_before = self.used_memory().await?;
+        let cpu0 = cpu::snapshot();
+        self.start_workers()?;
+        let limit = Duration::from_secs(if self.args.quick {
+            60
+        } else {
+            60 + backlog.unsigned_abs() / 2_000
+        });
+        let wall = self.wait_all_final(limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+        let (n, rate) = self.drain_rate().await?;
+        let check = self.check().await?;
+        // Acks are written a few ms after the results.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (keys, left) = self.prefix_memory().await?;
+        let queue_left = self.queue_keys_bytes().await?;
+        let redis_after = self.used_memory().await?;
+        let pg = self.pg_bytes().await?;
+        let notifications: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
+            .fetch_one(&self.db.pool)
+            .await?;
+        print_table(
+            "2. Drain (the ingest backlog, workers started)",
+            &[
+                ("backlog", format!("{backlog} deliveries")),
+                (
+                    "deliveries/s",
+                    format!("{rate:.0} (first claim to last final state, database clock)"),
+                ),
+                (
+                    "wall time",
+                    format!("{:.2} s incl. worker start-up", wall.as_secs_f64()),
+                ),
+                ("check", check.line()),
+                ("CPU, cores", cpu::describe(&cpu)),
+                (
+                    "Redis left after completion",
+                    format!(
+                        "{queue_left} bytes in queue keys; {keys} keys / {left} bytes under the prefix (workers registry, epoch)"
+                    ),
+                ),
+            ],
+        );
+        self.report.insert(
+            "drain".into(),
+            json!({"backlog": backlog, "deliveries": n, "deliveries_per_sec": rate, "wall_secs": wall.as_secs_f64(),
+                   "check": check.json(), "cpu_cores": cpu_json(&cpu)}),
+        );
+        self.report.insert(
+            "footprint_completed".into(),
+            json!({"redis_queue_keys_bytes_left": queue_left, "redis_prefix_keys": keys, "redis_prefix_bytes": left,
+                   "redis_used_memory_delta_vs_before_drain": redis_after - redis_before,
+                   "postgres_bytes_per_notification_completed": pg as f64 / notifications.max(1) as f64}),
+        );
+        self.verdict(
+            "drain rate",
+            "≥ 20,000 deliveries/s",
+            format!("{rate:.0}/s"),
+            Some(rate >= 20_000.0),
+        );
+        self.verdict(
+            "Redis after completion",
+            "nothing retained",
+            format!("{queue_left} bytes in queue keys"),
+            Some(queue_left == 0),
+        );
+        self.reset().await
+    }
+
+    async fn end_to_end(&mut self) -> anyhow::Result<()> {
+        if self.workers.is_empty() {
+            self.start_workers()?;
+        }
+        self.workers_ready().await?;
+        let (rate, dur) = (self.sizes.rate, self.sizes.e2e);
+        let sampler = {
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let started = Instant::now();
+                while started.elapsed() < dur {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let mut n = 0;
+                    for q in QueueName::all() {
+                        if let Ok(c) = queue.counts(q).await {
+                            n += c.ready + c.in_flight + c.scheduled;
+                        }
+                    }
+                    samples.push(n);
+                }
+                samples
+            })
+        };
+        let cpu0 = cpu::snapshot();
+        let (r, behind) = load::paced(&self.target, rate, dur, self.args.connections).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+        let offered_secs = r.elapsed.as_secs_f64();
+        let samples = sampler.await.unwrap_or_default();
+        let final_in_window: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE finished_at IS NOT NULL")
+            .fetch_one(&self.db.pool)
+            .await?;
+        self.sample_memory();
+        let tail = self.wait_all_final(Duration::from_secs(120)).await?;
+        let check = self.check().await?;
+        // POST-to-final per delivery, from the POST's send time to the
+        // database's finished_at.
+        let finished: Vec<(String, f64)> =
+            sqlx::query_as("SELECT notification_id, extract(epoch FROM finished_at)::FLOAT8 FROM deliveries")
+                .fetch_all(&self.db.pool)
+                .await?;
+        let mut by_ntf: HashMap<String, Vec<f64>> = HashMap::new();
+        for (ntf, at) in finished {
+            by_ntf.entry(ntf).or_default().push(at);
+        }
+        let mut lat: Vec<f64> = Vec::new();
+        for s in &r.sent {
+            let sent =
+                s.at.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+            for f in by_ntf.get(&s.notification_id).into_iter().flatten() {
+                lat.push((f - sent) * 1000.0);
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        let achieved = r.accepted as f64 / offered_secs;
+        let completed = final_in_window as f64 / offered_secs;
+        let q = samples.len() / 4;
+        let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
+        let (mid, last) = if samples.len() >= 4 {
+            (mean(&samples[q..2 * q]), mean(&samples[samples.len() - q..]))
+        } else {
+            (mean(&samples), mean(&samples))
+        };
+        // Growing: the last quarter holds over a second of offered work and
+        // clearly more than the second quarter.
+        let grows = last > 3.0 * rate as f64 && last > 1.5 * mid;
+        let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+        let post = sorted_ms(&r.latencies_us);
+        print_table(
+            "3. End to end (paced, workers running)",
+            &[
+                ("offered", format!("{rate} notifications/s for {} s", dur.as_secs())),
+                (
+                    "achieved",
+                    format!(
+                        "{achieved:.0} notifications/s accepted ({} errors, {behind} not sent in time); {completed:.0} deliveries/s final during the window",
+                        r.errors
+                    ),
+                ),
+                (
+                    "POST latency p50/p99",
+                    format!("{:.2} / {:.2} ms", percentile(&post, 50.0), percentile(&post, 99.0)),
+                ),
+                (
+                    "POST-to-final p50/p99",
+                    format!("{p50:.1} / {p99:.1} ms (per delivery)"),
+                ),
+                ("backlog (jobs, every 0.5 s)", format!("{samples:?}")),
+                (
+                    "backlog grows",
+                    format!(
+                        "{} (2nd quarter mean {mid:.0}, last quarter mean {last:.0})",
+                        if grows { "YES" } else { "no" }
+                    ),
+                ),
+                (
+                    "tail",
+                    format!("{:.2} s to finish after the window", tail.as_secs_f64()),
+                ),
+                ("check", check.line()),
+            ],
+        );
+        self.report.insert(
+            "end_to_end".into(),
+            json!({"offered_per_sec": rate, "secs": dur.as_secs(), "accepted": r.accepted, "errors": r.errors,
+                   "behind_schedule": behind, "achieved_per_sec": achieved, "final_deliveries_per_sec": completed,
+                   "post_p50_ms": percentile(&post, 50.0), "post_p99_ms": percentile(&post, 99.0),
+                   "post_to_final_p50_ms": p50, "post_to_final_p99_ms": p99, "backlog_samples": samples,
+                   "backlog_grows": grows, "tail_secs": tail.as_secs_f64(), "check": check.json(),
+                   "cpu_cores": cpu_json(&cpu)}),
+        );
+        let met = achieved >= 5_000.0 * 0.98 && !grows && r.errors == 0;
+        self.verdict(
+            "end to end",
+            "≥ 5,000 notifications/s, flat backlog",
+            format!(
+                "{achieved:.0}/s offered {rate}/s, backlog {}",
+                if grows { "grows" } else { "flat" }
+            ),
+            Some(met),
+        );
+        self.lost += r.errors;
+        self.reset().await
+    }
+
+    async fn idle(&mut self) -> anyhow::Result<()> {
+        if self.workers.is_empty() {
+            self.start_workers()?;
+        }
+        self.workers_ready().await?;
+        let mut sender = load::connect(self.api_addr).await?;
+        let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut timeouts = 0;
+        for i in 0..self.sizes.idle {
+            // Idle between notifications, so each finds the workers waiting.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let body = self.target.bodies[i as usize % self.target.bodies.len()].clone();
+            let t0 = Instant::now();
+            let (status, answer) = load::post(&mut sender, &self.target, body).await?;
+            if status != 202 {
+                bail!("idle POST answered {status}: {}", String::from_utf8_lossy(&answer));
+            }
+            let doc: Value = serde_json::from_slice(&answer)?;
+            let ntf = doc["id"].as_str().unwrap_or_default().to_owned();
+            let id_of = |ch: &str| {
+                doc["deliveries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|d| d["channel"] == ch)
+                    .and_then(|d| d["id"].as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let waits: [(&str, &Arc<Receipts>, String); 3] = [
+                ("email", &self.receipts.email, id_of("email")),
+                ("push", &self.receipts.push, id_of("push")),
+                ("in_app", &self.receipts.inapp, ntf),
+            ];
+            let deadline = t0 + Duration::from_secs(5);
+            for (ch, receipts, id) in waits {
+                loop {
+                    let notified = receipts.arrived.notified();
+                    if let Some(at) = receipts.get(&id) {
+                        lat.entry(ch)
+                            .or_default()
+                            .push(at.saturating_duration_since(t0).as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        timeouts += 1;
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(5), notified).await;
+                }
+            }
+        }
+        self.wait_all_final(Duration::from_secs(30)).await?;
+        let check = self.check().await?;
+        let mut rows = vec![(
+            "notifications",
+            format!("{} one at a time, 3 channels each", self.sizes.idle),
+        )];
+        let mut json_ch = serde_json::Map::new();
+        let mut worst = (0.0f64, 0.0f64);
+        let mut texts = Vec::new();
+        for ch in ["email", "push", "in_app"] {
+            let mut v = lat.remove(ch).unwrap_or_default();
+            v.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&v, 50.0), percentile(&v, 99.0));
+            worst = (worst.0.max(p50), worst.1.max(p99));
+            texts.push((ch, format!("p50 {p50:.2} ms, p99 {p99:.2} ms ({} samples)", v.len())));
+            json_ch.insert(ch.into(), json!({"p50_ms": p50, "p99_ms": p99, "samples": v.len()}));
+        }
+        for (ch, t) in texts {
+            rows.push((ch, t));
+        }
+        rows.push(("timeouts (> 5 s)", timeouts.to_string()));
+        rows.push(("check", check.line()));
+        print_table("4. Idle latency (POST to receipt at the sink)", &rows);
+        self.report.insert(
+            "idle_latency".into(),
+            json!({"notifications": self.sizes.idle, "channels": json_ch, "timeouts": timeouts, "check": check.json()}),
+        );
+        self.verdict(
+            "idle POST-to-sink",
+            "p50 ≤ 5 ms, p99 ≤ 25 ms",
+            format!("worst channel p50 {:.1} ms, p99 {:.1} ms", worst.0, worst.1),
+            Some(worst.0 <= 5.0 && worst.1 <= 25.0 && timeouts == 0),
+        );
+        self.lost += timeouts;
+        self.reset().await
+    }
+
+    /// Seeds `n` deliveries with the workers stopped, then drains them.
+    async fn backlog_drain(&mut self, n: u64) -> anyhow::Result<(f64, Check, f64, Vec<(&'static str, f64)>)> {
+        self.stop_workers();
+        let t = Instant::now();
+        let written = seed::backlog(&self.db.pool, &self.queue, &self.users, n).await?;
+        let seeded = t.elapsed().as_secs_f64();
+        let cpu0 = cpu::snapshot();
+        self.start_workers()?;
+        let limit = Duration::from_secs(60 + written / 2_000);
+        self.wait_all_final(limit).await?;
+        let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+        let (_, rate) = self.drain_rate().await?;
+        let check = self.check().await?;
+        self.reset().await?;
+        Ok((rate, check, seeded, cpu))
+    }
+
+    async fn scaling(&mut self) -> anyhow::Result<()> {
+        let small = self.sizes.backlog;
+        let (rate_small, check_small, seed_small, cpu_small) = self.backlog_drain(small).await?;
+        let mut rows = vec![
+            (
+                "seeding",
+                "SQL (UNNEST, 20k notifications per statement) + bulk LPUSH pipelines, not HTTP".to_owned(),
+            ),
+            (
+                "small backlog",
+                format!(
+                    "{small} deliveries: {rate_small:.0} deliveries/s (seeded in {seed_small:.1} s); {}",
+                    check_small.line()
+                ),
+            ),
+            ("small: CPU, cores", cpu::describe(&cpu_small)),
+        ];
+        let mut j = json!({"small": {"deliveries": small, "deliveries_per_sec": rate_small, "check": check_small.json(),
+                                     "cpu_cores": cpu_json(&cpu_small)}});
+        if let Some(big) = self.args.big_backlog {
+            let (rate_big, check_big, seed_big, cpu_big) = self.backlog_drain(big).await?;
+            let ratio = rate_big / rate_small;
+            rows.push((
+                "big backlog",
+                format!(
+                    "{big} deliveries: {rate_big:.0} deliveries/s (seeded in {seed_big:.1} s); {}",
+                    check_big.line()
+                ),
+            ));
+            rows.push(("big: CPU, cores", cpu::describe(&cpu_big)));
+            rows.push(("big / small", format!("{ratio:.2}")));
+            j["big"] = json!({"deliveries": big, "deliveries_per_sec": rate_big, "check": check_big.json(),
+                              "ratio": ratio, "cpu_cores": cpu_json(&cpu_big)});
+            self.verdict(
+                "drain at big backlog",
+                "within 10% of the small one",
+                format!("{rate_big:.0}/s vs {rate_small:.0}/s ({ratio:.2})"),
+                Some(ratio >= 0.9),
+            );
+        } else {
+            rows.push(("big backlog", "skipped (--big-backlog 1000000 to run it)".to_owned()));
+            self.verdict(
+                "drain at big backlog",
+                "within 10% of the small one",
+                "not run".into(),
+                None,
+            );
+        }
+        print_table("6. Backlog scaling (workers started on a seeded backlog)", &rows);
+        self.report.insert("backlog_scaling".into(), j);
+        Ok(())
+    }
+
+    fn footprint(&mut self) {
+        self.sample_memory();
+        self.stop_workers();
+        let api = self.api.take().map_or(0, HeraldProcess::stop);
+        self.peaks.insert(
+            cluster::API,
+            api.max(self.peaks.get(cluster::API).copied().unwrap_or(0)),
+        );
+        let q = self.report.get("footprint_queued").cloned().unwrap_or(Value::Null);
+        let c = self.report.get("footprint_completed").cloned().unwrap_or(Value::Null);
+        let mut rows = Vec::new();
+        let mut worst = 0u64;
+        let mut mem = serde_json::Map::new();
+        for name in std::iter::once(cluster::API).chain(cluster::WORKERS) {
+            let kb = self.peaks.get(name).copied().unwrap_or(0);
+            worst = worst.max(kb);
+            rows.push((name, format!("{:.1} MB peak resident (VmHWM)", mb(kb))));
+            mem.insert(name.into(), json!(kb * 1024));
+        }
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        rows.push((
+            "Redis per queued delivery",
+            format!(
+                "{:.0} bytes (INFO used_memory delta ÷ deliveries); {:.0} bytes (MEMORY USAGE of the queue keys ÷ jobs)",
+                f(&q, "redis_bytes_per_queued_delivery"),
+                f(&q, "redis_memory_usage_per_queued_delivery")
+            ),
+        ));
+        rows.push((
+            "Redis after completion",
+            format!("{} bytes in queue keys", c["redis_queue_keys_bytes_left"]),
+        ));
+        rows.push((
+            "Postgres per notification",
+            format!(
+                "{:.0} bytes queued (notification + 3 deliveries, with indexes); {:.0} bytes completed (+ attempts, inbox item)",
+                f(&q, "postgres_bytes_per_notification_queued"),
+                f(&c, "postgres_bytes_per_notification_completed")
+            ),
+        ));
+        print_table("5. Footprint", &rows);
+        self.report.insert("resident_bytes_peak".into(), Value::Object(mem));
+        let per = f(&q, "redis_bytes_per_queued_delivery").max(f(&q, "redis_memory_usage_per_queued_delivery"));
+        self.verdict(
+            "Redis per queued delivery",
+            "≤ 150 bytes",
+            format!("{per:.0} bytes"),
+            Some(per <= 150.0),
+        );
+        self.verdict(
+            "resident memory",
+            "≤ 64 MB per process",
+            format!("largest {:.1} MB", mb(worst)),
+            Some(worst <= 64 * 1024),
+        );
+    }
+
+    fn summary(&mut self) {
+        println!("\n## Targets");
+        for (what, goal, measured, met) in &self.verdicts {
+            let mark = match met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None if self.args.quick => "(quick: not judged)",
+                None => "-",
+            };
+            println!("  {what:<26} {goal:<40} {measured:<45} {mark}");
+        }
+        let v: Vec<Value> = self
+            .verdicts
+            .iter()
+            .map(|(w, g, m, met)| json!({"target": w, "goal": g, "measured": m, "met": met}))
+            .collect();
+        self.report.insert("targets".into(), Value::Array(v));
+        self.report.insert("lost".into(), json!(self.lost));
+    }
+
+    async fn cleanup(mut self) -> anyhow::Result<()> {
+        self.stop_workers();
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+        let _ = self.queue.delete_all_keys().await;
+        let pattern = format!("*{}:*", self.queue.config().prefix);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut self.redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut self.redis).await;
+        }
+        self.db.drop_db().await
+    }
+}
+
+fn pgbench_binary() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin/pgbench"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!({"cpus": cpus, "cpu_model": model, "memory_gb": mem_kb as f64 / 1_048_576.0,
+           "loadavg_at_start": load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")})
+}
+
+async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let m = machine();
+    println!(
+        "herald-bench{}: {} CPUs ({}), {:.1} GB, load average at start {}",
+        if bench.args.quick { " --quick" } else { "" },
+        m["cpus"],
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["memory_gb"].as_f64().unwrap_or(0.0),
+        m["loadavg_at_start"].as_str().unwrap_or("?")
+    );
+    println!("Herald processes log to {}", bench.log_dir.path().display());
+    bench.report.insert("machine".into(), m);
+    bench.report.insert("quick".into(), json!(bench.args.quick));
+    let tps = bench.pgbench().await?;
+    bench.start_api().await?;
+    bench.ingest(tps).await?;
+    bench.drain().await?;
+    bench.end_to_end().await?;
+    bench.idle().await?;
+    bench.scaling().await?;
+    bench.footprint();
+    bench.summary();
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let json_path = args.json.clone();
+    let started = Instant::now();
+    let mut bench = Bench::start(args).await?;
+    let outcome = run(&mut bench).await;
+    let lost = bench.lost;
+    let mut report = std::mem::take(&mut bench.report);
+    report.insert("elapsed_secs".into(), json!(started.elapsed().as_secs_f64()));
+    if outcome.is_err() || lost > 0 {
+        // Keep the processes' logs for the post-mortem.
+        let kept = bench.log_dir.path().to_owned();
+        let dir = std::mem::replace(&mut bench.log_dir, tempfile::tempdir()?);
+        let _ = dir.keep();
+        eprintln!("Herald's process logs kept in {}", kept.display());
+    }
+    if let Err(e) = bench.cleanup().await {
+        eprintln!("warning: clean-up failed: {e:#}");
+    }
+    if let Some(path) = json_path {
+        std::fs::write(&path, serde_json::to_vec_pretty(&Value::Object(report))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    outcome?;
+    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
+    if lost > 0 {
+        bail!("{lost} deliveries or requests were lost, unfinished or refused: see the checks above");
+    }
+    Ok(())
+}
