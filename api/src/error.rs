@@ -86,6 +86,14 @@ impl ApiError {
     }
 }
 
+/// A malformed prefixed id (`ntf_…`, `dlv_…`, `dev_…`, …): a 400 whose
+/// message names the kind of id expected.
+impl From<herald_core::ParseIdError> for ApiError {
+    fn from(e: herald_core::ParseIdError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string())
+    }
+}
+
 impl From<InvalidField> for ApiError {
     fn from(e: InvalidField) -> Self {
         Self::invalid(e.field, e.message)

@@ -598,29 +598,13 @@ pub async fn get_delivery(
 }
 
 fn parse_delivery_id(id: &str) -> ApiResult<()> {
-    id.parse::<DeliveryId>().map(|_| ()).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a delivery id (expected dlv_ followed by 26 characters)",
-                truncate(id)
-            ),
-        )
-    })
+    id.parse::<DeliveryId>()?;
+    Ok(())
 }
 
 fn parse_replay_id(id: &str) -> ApiResult<()> {
-    id.parse::<ReplayId>().map(|_| ()).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a replay id (expected rpl_ followed by 26 characters)",
-                truncate(id)
-            ),
-        )
-    })
+    id.parse::<ReplayId>()?;
+    Ok(())
 }
 
 // -------------------------------------------------------------- replays

@@ -25,7 +25,6 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, Caller};
-use crate::routes::notifications::truncate;
 use crate::routes::users::{DeviceView, RegisterDevice, checked_device, parse_user_id};
 use crate::user_token::{Me, mint};
 
@@ -338,16 +337,8 @@ pub struct MyDelivery {
 }
 
 fn own_id(id: &str) -> ApiResult<()> {
-    id.parse::<NotificationId>().map(|_| ()).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a notification id (expected ntf_ followed by 26 characters)",
-                truncate(id)
-            ),
-        )
-    })
+    id.parse::<NotificationId>()?;
+    Ok(())
 }
 
 /// One of the user's notifications with the status of every channel.
@@ -519,16 +510,7 @@ pub async fn delete_my_device(
     Me(user): Me,
     Path(device_id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if device_id.parse::<DeviceId>().is_err() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a device id (expected dev_ followed by 26 characters)",
-                truncate(&device_id)
-            ),
-        ));
-    }
+    device_id.parse::<DeviceId>()?;
     if herald_db::users::delete_device(&state.pool, user.as_str(), &device_id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

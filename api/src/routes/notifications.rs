@@ -430,16 +430,7 @@ pub async fn get_notification(
     Path(id): Path<String>,
 ) -> ApiResult<Json<NotificationStatus>> {
     caller.require("read")?;
-    if id.parse::<NotificationId>().is_err() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a notification id (expected ntf_ followed by 26 characters)",
-                truncate(&id)
-            ),
-        ));
-    }
+    id.parse::<NotificationId>()?;
     let Some((n, deliveries)) = herald_db::notifications::get_notification(&state.pool, &id).await? else {
         return Err(ApiError::not_found("notification", &id));
     };

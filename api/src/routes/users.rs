@@ -305,16 +305,7 @@ pub async fn delete_device(
 ) -> ApiResult<StatusCode> {
     caller.require("send")?;
     let user_id = parse_user_id(&user_id)?;
-    if device_id.parse::<DeviceId>().is_err() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            format!(
-                "`{}` is not a device id (expected dev_ followed by 26 characters)",
-                truncate(&device_id)
-            ),
-        ));
-    }
+    device_id.parse::<DeviceId>()?;
     if herald_db::users::delete_device(&state.pool, user_id.as_str(), &device_id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
