@@ -24,7 +24,7 @@ use sqlx::PgPool;
 /// Most notifications written by one statement.
 pub const MAX_BATCH: usize = 256;
 /// Batches written at the same time (each holds one connection).
-pub const MAX_IN_FLIGHT: usize = 4;
+pub const MAX_IN_FLIGHT: usize = 2;
 
 /// What a request hands over: the rows to write, and what its jobs need.
 pub struct Submission {
