@@ -83,6 +83,10 @@ struct Args {
     /// with ingest). Default: all. Footprint is reported from whatever ran.
     #[arg(long, value_delimiter = ',', default_value = "ingest,drain,e2e,idle,scaling")]
     only: Vec<String>,
+    /// Keep Herald's process logs after a successful run (they are always
+    /// kept after a failure).
+    #[arg(long)]
+    keep_logs: bool,
     /// Extra `KEY=VALUE` settings for Herald's processes (tuning experiments).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -1263,7 +1267,7 @@ async fn main() -> anyhow::Result<()> {
     let lost = bench.lost;
     let mut report = std::mem::take(&mut bench.report);
     report.insert("elapsed_secs".into(), json!(started.elapsed().as_secs_f64()));
-    if outcome.is_err() || lost > 0 {
+    if outcome.is_err() || lost > 0 || bench.args.keep_logs {
         // Keep the processes' logs for the post-mortem.
         let kept = bench.log_dir.path().to_owned();
         let dir = std::mem::replace(&mut bench.log_dir, tempfile::tempdir()?);
