@@ -10,6 +10,7 @@
 //! See the README's "Performance" section for how to run it and what it
 //! measured.
 
+mod clients;
 mod cluster;
 mod cpu;
 mod load;
@@ -19,6 +20,7 @@ mod sinks;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -79,10 +81,14 @@ struct Args {
     #[arg(long, default_value = "warn")]
     log: String,
     /// Scenarios to run, comma-separated, from ingest, drain, e2e, idle,
-    /// scaling (drain needs ingest's backlog; the pgbench baseline runs
+    /// scaling, clients (drain needs ingest's backlog; the pgbench baseline runs
     /// with ingest). Default: all. Footprint is reported from whatever ran.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,drain,e2e,idle,scaling")]
+    #[arg(long, value_delimiter = ',', default_value = "ingest,drain,e2e,idle,scaling,clients")]
     only: Vec<String>,
+    /// Concurrent live-stream clients held by the API in the clients
+    /// scenario. Default 10,000 (quick 200); capped by the open-files limit.
+    #[arg(long)]
+    clients: Option<u64>,
     /// Keep Herald's process logs after a successful run (they are always
     /// kept after a failure).
     #[arg(long)]
@@ -216,6 +222,18 @@ fn print_table(title: &str, rows: &[(&str, String)]) {
 
 fn cpu_json(usage: &[(&str, f64)]) -> Value {
     Value::Object(usage.iter().map(|(n, c)| ((*n).to_owned(), json!(c))).collect())
+}
+
+/// The soft limit on open files of this process (`/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 fn mb(kb: u64) -> f64 {
@@ -1086,6 +1104,217 @@ impl Bench {
         Ok(())
     }
 
+    /// Many idle live streams on one API process, a status change reaching
+    /// them, and `If-None-Match` polling against full reads (issue #6).
+    async fn clients(&mut self) -> anyhow::Result<()> {
+        let wanted = self.args.clients.unwrap_or(if self.args.quick { 200 } else { 10_000 });
+        // Each stream is one file descriptor here and one in the API.
+        let limit = open_files_limit().unwrap_or(1024);
+        let n = wanted.min(limit.saturating_sub(512)).max(2);
+        if n < wanted {
+            println!("\n(clients capped at {n} by the open-files limit {limit}; raise `ulimit -n` for more)");
+        }
+        let n_usize = usize::try_from(n)?;
+        if self.workers.is_empty() {
+            self.start_workers()?;
+        }
+        self.workers_ready().await?;
+        let users: Vec<String> = (0..n_usize).map(|i| format!("bench_c{i}")).collect();
+        let addr = self.api_addr;
+        let in_app = |user: &str| {
+            Bytes::from(
+                json!({"user_id": user, "category": "bench", "channels": ["in_app"],
+                       "title": "Your order shipped", "body": "Order 1234 is on its way."})
+                .to_string(),
+            )
+        };
+        // The polling user's inbox: 20 items, settled long before it is polled.
+        let mut sender = load::connect(addr).await?;
+        for _ in 0..20 {
+            let (status, body) = load::post(&mut sender, &self.target, in_app(&users[0])).await?;
+            if status != 202 {
+                bail!("POST answered {status}: {}", String::from_utf8_lossy(&body));
+            }
+        }
+        let t_mint = Instant::now();
+        let tokens = clients::mint_tokens(addr, &self.target.authorization, &users).await?;
+        let mint_secs = t_mint.elapsed().as_secs_f64();
+        let api_pid = self.api.as_ref().map(HeraldProcess::pid);
+        let rss_kb = |pid: Option<u32>| -> u64 {
+            let Some(pid) = pid else { return 0 };
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let rss_before = rss_kb(api_pid);
+
+        // Every client opens its stream and waits.
+        let seen = Arc::new(clients::Seen::default());
+        let stop = Instant::now() + Duration::from_secs(300);
+        let t_open = Instant::now();
+        let mut streams = tokio::task::JoinSet::new();
+        for token in tokens.iter().skip(1) {
+            streams.spawn(clients::stream_client(addr, token.clone(), Arc::clone(&seen), stop));
+        }
+        let expected_open = n - 1;
+        let open_deadline = Instant::now() + Duration::from_secs(120);
+        while seen.open.load(Ordering::Relaxed) + seen.failed.load(Ordering::Relaxed) < expected_open
+            && Instant::now() < open_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let open_secs = t_open.elapsed().as_secs_f64();
+        let opened = seen.open.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_open = rss_kb(api_pid);
+
+        // Status changes for random connected users, paced, through the
+        // in-app worker: the client sees its delivery move to `delivered`.
+        let m = if self.args.quick { 100 } else { 2_000 }.min(n - 1);
+        let mut sent = Vec::new();
+        let mut rng_state = 0x9E37_79B9_7F4A_7C15_u64;
+        let pace = Duration::from_millis(2);
+        for _ in 0..m {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            let user = &users[1 + usize::try_from(rng_state % (n - 1))?];
+            let (status, body) = load::post(&mut sender, &self.target, in_app(user)).await?;
+            if status != 202 {
+                bail!("POST answered {status}: {}", String::from_utf8_lossy(&body));
+            }
+            if let Some(id) = load::notification_id(&body) {
+                sent.push(id);
+            }
+            tokio::time::sleep(pace).await;
+        }
+        let seen_deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = {
+                let d = seen.delivered_ms.lock().await;
+                sent.iter().filter(|id| d.contains_key(*id)).count()
+            };
+            if got == sent.len() || Instant::now() > seen_deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rss_peak = rss_kb(api_pid).max(rss_open);
+        let mut lat: Vec<f64> = {
+            let d = seen.delivered_ms.lock().await;
+            sent.iter().filter_map(|id| d.get(id).copied()).collect()
+        };
+        lat.sort_by(f64::total_cmp);
+        let missed = sent.len() - lat.len();
+        streams.abort_all();
+        while streams.join_next().await.is_some() {}
+
+        // Polling one user whose inbox has not changed: 304 against 200.
+        let path = "/v1/me/notifications?limit=20";
+        let mut etag = None;
+        let settle_deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < settle_deadline {
+            let (_, e, _) = clients::get_once(addr, &tokens[0], path).await?;
+            let (s, _) = clients::get_loop(addr, &tokens[0], path, e.as_deref(), 1, Duration::from_millis(50)).await?;
+            if s > 0.0 && e.is_some() {
+                let (_, counts) =
+                    clients::get_loop(addr, &tokens[0], path, e.as_deref(), 1, Duration::from_millis(20)).await?;
+                if counts.contains_key(&304) {
+                    etag = e;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let secs = Duration::from_secs(if self.args.quick { 1 } else { 5 });
+        let conns = self.args.connections;
+        let (rate_304, counts_304) = match &etag {
+            Some(e) => clients::get_loop(addr, &tokens[0], path, Some(e), conns, secs).await?,
+            None => (0.0, HashMap::new()),
+        };
+        let (rate_200, counts_200) = clients::get_loop(addr, &tokens[0], path, None, conns, secs).await?;
+        let fmt_counts = |c: &HashMap<u16, u64>| {
+            let mut v: Vec<_> = c.iter().map(|(s, n)| format!("{n}×{s}")).collect();
+            v.sort();
+            v.join(", ")
+        };
+        if missed > 0 || opened < expected_open {
+            self.lost += missed as u64 + (expected_open - opened);
+        }
+        let per_conn_kb = (rss_open.saturating_sub(rss_before)) as f64 / opened.max(1) as f64;
+        print_table(
+            "7. Clients (live streams on one API process, and cheap polling)",
+            &[
+                (
+                    "streams",
+                    format!(
+                        "{opened} of {expected_open} open (SSE, GET /v1/me/stream) in {open_secs:.1} s; tokens minted in {mint_secs:.1} s"
+                    ),
+                ),
+                (
+                    "API resident",
+                    format!(
+                        "{:.1} MB before, {:.1} MB with every stream open ({per_conn_kb:.1} KB per stream), {:.1} MB after the changes",
+                        mb(rss_before),
+                        mb(rss_open),
+                        mb(rss_peak)
+                    ),
+                ),
+                (
+                    "change to client",
+                    format!(
+                        "{} in-app deliveries to random users: p50 {:.1} ms, p99 {:.1} ms from the worker's status change (updated_at) to the client reading it; {missed} not seen",
+                        sent.len(),
+                        percentile(&lat, 50.0),
+                        percentile(&lat, 99.0)
+                    ),
+                ),
+                (
+                    "If-None-Match",
+                    format!(
+                        "{rate_304:.0} requests/s ({}) on {conns} connections",
+                        fmt_counts(&counts_304)
+                    ),
+                ),
+                (
+                    "full read",
+                    format!(
+                        "{rate_200:.0} requests/s ({}), same route and user",
+                        fmt_counts(&counts_200)
+                    ),
+                ),
+                (
+                    "304 vs 200",
+                    if rate_200 > 0.0 {
+                        format!("{:.1}×", rate_304 / rate_200)
+                    } else {
+                        "-".to_owned()
+                    },
+                ),
+            ],
+        );
+        self.report.insert(
+            "clients".into(),
+            json!({"streams_open": opened, "streams_wanted": expected_open, "open_secs": open_secs,
+                   "api_rss_kb": {"before": rss_before, "open": rss_open, "peak": rss_peak}, "kb_per_stream": per_conn_kb,
+                   "changes": sent.len(), "missed": missed, "latency_ms": {"p50": percentile(&lat, 50.0), "p99": percentile(&lat, 99.0)},
+                   "poll_304_per_sec": rate_304, "poll_200_per_sec": rate_200,
+                   "poll_304_statuses": counts_304, "poll_200_statuses": counts_200}),
+        );
+        if let Some(api) = self.api.as_mut() {
+            api.sample_memory();
+        }
+        Ok(())
+    }
+
     fn footprint(&mut self) {
         self.sample_memory();
         self.stop_workers();
@@ -1226,7 +1455,14 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.report.insert("machine".into(), m);
     bench.report.insert("quick".into(), json!(bench.args.quick));
     let on = |s: &str| bench.args.only.iter().any(|o| o == s);
-    let (ingest, drain, e2e, idle, scaling) = (on("ingest"), on("drain"), on("e2e"), on("idle"), on("scaling"));
+    let (ingest, drain, e2e, idle, scaling, clients) = (
+        on("ingest"),
+        on("drain"),
+        on("e2e"),
+        on("idle"),
+        on("scaling"),
+        on("clients"),
+    );
     if drain && !ingest {
         bail!("--only drain needs ingest too: it drains ingest's backlog");
     }
@@ -1248,6 +1484,9 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     if scaling {
         bench.scaling().await?;
+    }
+    if clients {
+        bench.clients().await?;
     }
     bench.footprint();
     bench.summary();
