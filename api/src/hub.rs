@@ -218,6 +218,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ten_thousand_waiters_cost_one_lookup_per_event_and_leave_nothing_behind() {
+        let hub = Hub::default();
+        let mut waiters: Vec<Waiter> = (0..10_000).map(|i| hub.subscribe(&format!("u_{i}"))).collect();
+        for w in &mut waiters {
+            w.mark_seen();
+        }
+        assert_eq!(hub.users_waited_on(), 10_000);
+        let started = std::time::Instant::now();
+        for _ in 0..1_000 {
+            hub.on_signal(EventSignal::Event(
+                r#"{"type":"user.changed","users":["u_4242"]}"#.into(),
+            ));
+        }
+        // A thousand events touch one entry each: far from a pass over
+        // ten thousand waiters per event.
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        tokio::time::timeout(Duration::from_secs(1), waiters[4242].woken())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), waiters[4241].woken())
+                .await
+                .is_err()
+        );
+        drop(waiters);
+        assert_eq!(hub.users_waited_on(), 0);
+    }
+
+    #[tokio::test]
     async fn a_wake_before_the_wait_is_not_lost_and_a_resubscription_wakes_everyone() {
         let hub = Hub::default();
         let mut w = hub.subscribe("u_a");
