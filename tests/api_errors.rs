@@ -370,6 +370,8 @@ async fn the_openapi_document_lists_every_route() {
         ("get", "/v1/me/stats"),
         ("post", "/v1/me/devices"),
         ("delete", "/v1/me/devices/{device_id}"),
+        ("get", "/v1/me/changes"),
+        ("get", "/v1/me/stream"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/v1/admin/queues"),

@@ -18,7 +18,7 @@ use herald_core::{Channel, Priority};
 use herald_db::DbError;
 use herald_db::batch::Batcher;
 use herald_db::notifications::{Accepted, NewNotificationWithDeliveries};
-use herald_queue::{DeliveryJob, QueueClient, QueueName};
+use herald_queue::{DeliveryJob, QueueClient, QueueName, UserChanges};
 use sqlx::PgPool;
 
 /// Most notifications written by one statement.
@@ -45,6 +45,10 @@ pub struct Sinks {
     pub queue: QueueClient,
     /// Set while enqueueing fails, so an outage is logged once.
     pub redis_down: Arc<AtomicBool>,
+    /// Waiters in this process for the users' changes.
+    pub hub: crate::hub::Hub,
+    /// Other processes' waiters, through Redis.
+    pub changes: UserChanges,
 }
 
 impl Ingestor {
@@ -56,6 +60,13 @@ impl Ingestor {
             async move {
                 let items: Vec<NewNotificationWithDeliveries> = submissions.iter().map(|s| s.item.clone()).collect();
                 let accepted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
+                // Committed: clients waiting for these users may look now.
+                // One event for the whole batch, sent off this path.
+                let users: Vec<String> = items.iter().map(|i| i.notification.user_id.clone()).collect();
+                for user in &users {
+                    sinks.hub.wake(user);
+                }
+                sinks.changes.changed(users);
                 let jobs: Vec<_> = accepted
                     .iter()
                     .zip(&submissions)

@@ -13,7 +13,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use herald_config::Settings;
-use herald_queue::{QueueClient, QueueConfig};
+use herald_queue::{QueueClient, QueueConfig, UserChanges};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
@@ -23,8 +23,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod changes;
 pub mod error;
 pub mod extract;
+pub mod hub;
 pub mod ingest;
 pub mod key_cache;
 pub mod routes;
@@ -44,6 +46,16 @@ pub struct AppState {
     pub ingestor: ingest::Ingestor,
     /// API keys authenticated recently (`HERALD_API_KEY_CACHE_SECS`).
     pub keys: Arc<key_cache::KeyCache>,
+    /// Wakes requests waiting for a user's changes.
+    pub hub: hub::Hub,
+    /// Tells other processes whose rows changed (Redis pub/sub).
+    pub changes: UserChanges,
+    /// Cancelled when the server starts shutting down: waiting requests
+    /// answer and live streams end at once (clients reconnect elsewhere)
+    /// instead of holding the graceful shutdown open.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Stops the hub's subscriber when the last clone of the state goes.
+    _subscriber: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl AppState {
@@ -54,21 +66,41 @@ impl AppState {
             pool: self.pool.clone(),
             queue: self.queue.clone(),
             redis_down: Arc::clone(&self.redis_down),
+            hub: self.hub.clone(),
+            changes: self.changes.clone(),
         }
+    }
+
+    /// Says that `users`' rows changed, after the commit: wakes this
+    /// process's waiters at once (even with Redis down) and other processes'
+    /// through Redis. Never fails.
+    pub fn users_changed(&self, users: &[&str]) {
+        for user in users {
+            self.hub.wake(user);
+        }
+        self.changes.changed(users.iter().map(|u| (*u).to_owned()));
     }
 
     /// Builds the state without touching the network: the pool connects
     /// lazily and the queue client reconnects on its own, so the API starts
-    /// (and reports not-ready) while a dependency is still coming up.
+    /// (and reports not-ready) while a dependency is still coming up. Starts
+    /// (on the current runtime) the group commit, the change publisher and
+    /// the hub's event subscriber.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
             .context("DATABASE_URL")?;
         let queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
         let redis_down = Arc::default();
+        let hub = hub::Hub::default();
+        let changes = UserChanges::start(queue.clone());
+        let stop_subscriber = tokio_util::sync::CancellationToken::new();
+        hub.start(queue.clone(), stop_subscriber.clone());
         let ingestor = ingest::Ingestor::start(ingest::Sinks {
             pool: pool.clone(),
             queue: queue.clone(),
             redis_down: Arc::clone(&redis_down),
+            hub: hub.clone(),
+            changes: changes.clone(),
         });
         Ok(Self {
             pool,
@@ -77,6 +109,10 @@ impl AppState {
             settings: Arc::new(settings),
             redis_down,
             ingestor,
+            hub,
+            changes,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            _subscriber: Arc::new(stop_subscriber.drop_guard()),
         })
     }
 }
@@ -88,7 +124,7 @@ impl AppState {
     tags(
         (name = "notifications", description = "Send notifications and follow their delivery"),
         (name = "users", description = "Recipients and their devices"),
-        (name = "clients", description = "For mobile and web apps, with a user token: inbox, status, read state"),
+        (name = "clients", description = "For mobile and web apps, with a user token: inbox, status, read state, changes (long-poll and live stream)"),
         (name = "health", description = "Probes"),
         (name = "admin", description = "Operators: queues, delivery search, replays and purges (`admin` scope)"),
     )
@@ -123,7 +159,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// The routes and their OpenAPI document, from one registration.
 pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    use routes::{admin, health, me, notifications, users};
+    use routes::{admin, changes, health, me, notifications, users};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(notifications::create_notification))
         .routes(routes!(notifications::get_notification))
@@ -140,6 +176,8 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(me::stats))
         .routes(routes!(me::register_my_device))
         .routes(routes!(me::delete_my_device))
+        .routes(routes!(changes::get_changes))
+        .routes(routes!(changes::stream))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(admin::get_queues))
@@ -264,6 +302,11 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
+    let stopping = state.shutdown.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.cancel();
+    };
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -63,7 +63,13 @@ pub fn looks_like_user_token(credential: &str) -> bool {
     credential.starts_with("eyJ") && credential.matches('.').count() == 2
 }
 
+#[cfg(test)]
 fn verify(secret: &str, token: &str) -> Result<UserId, ApiError> {
+    verify_session(secret, token).map(|(user, _)| user)
+}
+
+/// The token's user and its expiry (seconds since the epoch).
+fn verify_session(secret: &str, token: &str) -> Result<(UserId, u64), ApiError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_audience(&[AUDIENCE]);
     validation.set_required_spec_claims(&["exp", "sub", "aud"]);
@@ -81,13 +87,14 @@ fn verify(secret: &str, token: &str) -> Result<UserId, ApiError> {
                 "the user token is malformed or not signed by this Herald",
             ),
         })?;
-    UserId::parse(&data.claims.sub).map_err(|_| {
+    let user = UserId::parse(&data.claims.sub).map_err(|_| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_user_token",
             "the user token names no valid user",
         )
-    })
+    })?;
+    Ok((user, data.claims.exp))
 }
 
 /// The user a `/v1/me` request is for, from its bearer user token.
@@ -95,6 +102,22 @@ fn verify(secret: &str, token: &str) -> Result<UserId, ApiError> {
 pub struct Me(pub UserId);
 
 impl FromRequestParts<AppState> for Me {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Session::from_request_parts(parts, state).await.map(|s| Me(s.user))
+    }
+}
+
+/// [`Me`] plus when the token expires, for requests that outlive a moment
+/// (the live stream ends when its token does).
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user: UserId,
+    pub expires_at: SystemTime,
+}
+
+impl FromRequestParts<AppState> for Session {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
@@ -115,7 +138,10 @@ impl FromRequestParts<AppState> for Me {
                 "api_key_not_allowed",
                 "/v1/me routes take a user token, not an API key: mint one with POST /v1/users/{user_id}/tokens",
             )),
-            Some(t) => verify(state.settings.user_token_secret.expose(), t).map(Me),
+            Some(t) => verify_session(state.settings.user_token_secret.expose(), t).map(|(user, exp)| Session {
+                user,
+                expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+            }),
         }
     }
 }

@@ -12,7 +12,7 @@ use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
 use herald_db::batch::Batcher;
 use herald_db::deliveries::{AttemptResult, ClaimedDelivery, NextState, Recorded};
 use herald_db::users::Device;
-use herald_queue::{DeliveryJob, QueueClient, QueueName, WorkerId};
+use herald_queue::{DeliveryJob, QueueClient, QueueName, UserChanges, WorkerId};
 use sqlx::PgPool;
 use tracing::Instrument;
 
@@ -40,9 +40,14 @@ pub struct Deliverer {
 
 /// Concurrent jobs share their round trips to Postgres: a worker with 64
 /// deliveries in flight claims them in a few statements, not 64.
+///
+/// After each claim and record statement, the users whose deliveries moved
+/// are published once for the whole batch (off the batch's path), so live
+/// clients see `sending` and the outcome without polling.
 struct Batches {
     claims: Batcher<(String, i32), Option<ClaimedDelivery>>,
-    records: Batcher<AttemptResult, Recorded>,
+    /// Each result with its delivery's user.
+    records: Batcher<(AttemptResult, String), Recorded>,
     inbox: Batcher<String, ()>,
     devices: Batcher<String, Vec<Device>>,
 }
@@ -53,17 +58,34 @@ const MAX_BATCH: usize = 256;
 const MAX_IN_FLIGHT: usize = 2;
 
 impl Batches {
-    fn start(pool: &PgPool, worker_id: &WorkerId, lease: Duration) -> Self {
+    fn start(pool: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
+        let changes = UserChanges::start(queue.clone());
         let p = pool.clone();
+        let c = changes.clone();
         let (w, lease_secs) = (worker_id.to_string(), lease.as_secs_f64());
         let claims = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
-            let (p, w) = (p.clone(), w.clone());
-            async move { herald_db::deliveries::claim_deliveries(&p, &jobs, lease_secs, &w).await }
+            let (p, w, c) = (p.clone(), w.clone(), c.clone());
+            async move {
+                let claimed = herald_db::deliveries::claim_deliveries(&p, &jobs, lease_secs, &w).await?;
+                c.changed(claimed.iter().flatten().map(|d| d.user_id.clone()));
+                Ok(claimed)
+            }
         });
         let p = pool.clone();
-        let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |results: Vec<AttemptResult>| {
-            let p = p.clone();
-            async move { herald_db::deliveries::record_attempts(&p, &results).await }
+        let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |items: Vec<(AttemptResult, String)>| {
+            let (p, c) = (p.clone(), changes.clone());
+            async move {
+                let (results, users): (Vec<AttemptResult>, Vec<String>) = items.into_iter().unzip();
+                let recorded = herald_db::deliveries::record_attempts(&p, &results).await?;
+                c.changed(
+                    users
+                        .into_iter()
+                        .zip(&recorded)
+                        .filter(|(_, r)| matches!(r, Recorded::Moved { .. }))
+                        .map(|(u, _)| u),
+                );
+                Ok(recorded)
+            }
         });
         let p = pool.clone();
         let inbox = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |ids: Vec<String>| {
@@ -126,7 +148,7 @@ impl Deliverer {
         lease: Duration,
         send_timeout: Duration,
     ) -> Self {
-        let batches = Batches::start(&pool, &worker_id, lease);
+        let batches = Batches::start(&pool, &queue, &worker_id, lease);
         Self {
             pool,
             queue,
@@ -323,15 +345,18 @@ impl Deliverer {
         let recorded = self
             .batches
             .records
-            .submit(AttemptResult {
-                delivery_id: d.id.clone(),
-                attempt: d.attempt,
-                next,
-                outcome,
-                provider_status,
-                error,
-                detail,
-            })
+            .submit((
+                AttemptResult {
+                    delivery_id: d.id.clone(),
+                    attempt: d.attempt,
+                    next,
+                    outcome,
+                    provider_status,
+                    error,
+                    detail,
+                },
+                d.user_id.clone(),
+            ))
             .await
             .map_err(|e| shared(&e))?;
         match recorded {

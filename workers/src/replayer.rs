@@ -118,6 +118,13 @@ impl Replayer {
         if requeued.is_empty() {
             return;
         }
+        // Committed: live clients see their deliveries queued again.
+        let mut users: Vec<String> = requeued.iter().map(|r| r.user_id.clone()).collect();
+        users.sort_unstable();
+        users.dedup();
+        if let Err(e) = self.queue.publish_user_changes(&users).await {
+            tracing::debug!(error = %e, "could not publish the replay's changes");
+        }
         let jobs: Vec<(QueueName, DeliveryJob)> = requeued
             .iter()
             .filter_map(|r| {

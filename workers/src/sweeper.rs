@@ -54,6 +54,7 @@ pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<Pa
         }
         report.ran = true;
         report.expired_leases += r.expired_leases;
+        publish_changes(queue, &r.changed_users).await;
         if r.expired_leases > 0 {
             tracing::warn!(
                 expired = r.expired_leases,
@@ -68,6 +69,17 @@ pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<Pa
             herald_db::notifications::expire_idempotency_keys(pool, IDEMPOTENCY_HOURS).await?;
             return Ok(report);
         }
+    }
+}
+
+/// Live clients see lapsed claims move (to `retrying` or `dead`) at once.
+/// Best effort: they find the change on their next query anyway.
+async fn publish_changes(queue: &QueueClient, users: &[String]) {
+    let mut users = users.to_vec();
+    users.sort_unstable();
+    users.dedup();
+    if let Err(e) = queue.publish_user_changes(&users).await {
+        tracing::debug!(error = %e, "could not publish the sweep's changes");
     }
 }
 

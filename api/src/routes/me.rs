@@ -23,15 +23,11 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::changes::SETTLE;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, Caller};
 use crate::routes::users::{DeviceView, RegisterDevice, checked_device, parse_user_id};
 use crate::user_token::{Me, mint};
-
-/// Timestamps are transaction start times, so a change may still commit
-/// with a time just before the newest one already seen. A user whose last
-/// change is younger than this is never told "not modified".
-const SETTLE: chrono::Duration = chrono::Duration::seconds(5);
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -192,7 +188,7 @@ fn encode_cursor(item: &InboxItem) -> String {
     ))
 }
 
-fn bad_query(field: &str, message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_query(field: &str, message: impl Into<String>) -> ApiError {
     let message = message.into();
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{field}: {message}"))
         .with_details(serde_json::json!({"field": field, "reason": message}))
@@ -398,10 +394,11 @@ pub async fn get_notification(
 
 async fn mark(state: &AppState, user: &str, id: &str, m: Mark) -> ApiResult<Json<InboxEntry>> {
     own_id(id)?;
-    herald_db::inbox::mark_item(&state.pool, user, id, m)
+    let item = herald_db::inbox::mark_item(&state.pool, user, id, m)
         .await?
-        .map(|i| Json(i.into()))
-        .ok_or_else(|| ApiError::not_found("inbox item", id))
+        .ok_or_else(|| ApiError::not_found("inbox item", id))?;
+    state.users_changed(&[user]);
+    Ok(Json(item.into()))
 }
 
 /// Mark an inbox item read.
@@ -453,6 +450,9 @@ pub struct Updated {
     responses((status = 200, body = Updated)), security(("user_token" = [])))]
 pub async fn read_all(State(state): State<AppState>, Me(user): Me) -> ApiResult<Json<Updated>> {
     let updated = herald_db::inbox::mark_all_read(&state.pool, user.as_str()).await?;
+    if updated > 0 {
+        state.users_changed(&[user.as_str()]);
+    }
     Ok(Json(Updated { updated }))
 }
 

@@ -43,6 +43,7 @@ variables! {
     "HERALD_USER_TOKEN_SECRET" = None, "Key (32+ characters) that signs user tokens for mobile and web clients; every API replica needs the same one. Required in production; development uses a fixed, public key.";
     "HERALD_USER_TOKEN_TTL_SECS" = Some("3600"), "Default lifetime of a user token (at most 86400).";
     "HERALD_API_KEY_CACHE_SECS" = Some("5"), "How long the API trusts an API key it authenticated without asking Postgres again; a revoked key keeps working for at most this long per API process. 0 turns the cache off.";
+    "HERALD_SSE_HEARTBEAT_SECS" = Some("15"), "How often the live stream (GET /v1/me/stream) sends a heartbeat comment while idle, so proxies keep the connection open (1 to 300).";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
     "HERALD_WORKER_CONCURRENCY" = Some("64"), "Deliveries one worker process handles at once.";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
@@ -185,6 +186,8 @@ pub struct Settings {
     pub user_token_secret: Secret,
     pub user_token_ttl: Duration,
     pub api_key_cache: Duration,
+    /// Idle heartbeat of the clients' live stream.
+    pub sse_heartbeat: Duration,
     pub log_format: LogFormat,
     pub worker_concurrency: usize,
     pub lease: Duration,
@@ -309,6 +312,7 @@ impl Settings {
             },
             user_token_ttl: Duration::from_secs(src.parse_in("HERALD_USER_TOKEN_TTL_SECS", 60..=86_400)?),
             api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
+            sse_heartbeat: Duration::from_secs(src.parse_in("HERALD_SSE_HEARTBEAT_SECS", 1..=300)?),
             log_format,
             worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),

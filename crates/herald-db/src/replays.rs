@@ -279,6 +279,7 @@ pub struct AttemptBudgets {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Requeued {
     pub id: String,
+    pub user_id: String,
     pub attempt: i32,
     pub channel: String,
     pub priority: String,
@@ -336,6 +337,7 @@ pub async fn replay_batch(
         channel: Option<String>,
         priority: Option<String>,
         request_id: Option<String>,
+        user_id: Option<String>,
     }
     let rows: Vec<Row> = sqlx::query_as(&format!(
         "WITH m AS (
@@ -351,7 +353,7 @@ pub async fn replay_batch(
              FROM c
              WHERE d.id = c.id AND c.reason IS NULL
                AND d.status IN ('failed', 'dead') AND d.attempt = c.attempt
-             RETURNING d.id, d.attempt, d.channel, d.priority, d.notification_id
+             RETURNING d.id, d.attempt, d.channel, d.priority, d.notification_id, d.user_id
          ), items AS (
              UPDATE replay_items i SET
                  outcome = CASE WHEN c.id IN (SELECT id FROM moved) THEN 'replayed' ELSE 'skipped' END,
@@ -364,10 +366,10 @@ pub async fn replay_batch(
          -- `IN (SELECT …)` rather than joins between CTEs: a CTE has no
          -- statistics, and the planner's nested loop over two of them is
          -- quadratic in the batch; the subplan is hashed.
-         SELECT mv.id, NULL::TEXT AS reason, mv.attempt, mv.channel, mv.priority, n.request_id
+         SELECT mv.id, NULL::TEXT AS reason, mv.attempt, mv.channel, mv.priority, n.request_id, mv.user_id
          FROM moved mv LEFT JOIN notifications n ON n.id = mv.notification_id
          UNION ALL
-         SELECT c.id, COALESCE(c.reason, 'changed while being replayed'), NULL, NULL, NULL, NULL
+         SELECT c.id, COALESCE(c.reason, 'changed while being replayed'), NULL, NULL, NULL, NULL, NULL
          FROM c WHERE NOT (c.id IN (SELECT id FROM moved))"
     ))
     // Planned with the real values every time: a cached generic plan would
@@ -390,6 +392,7 @@ pub async fn replay_batch(
         match (r.reason, r.attempt, r.channel, r.priority) {
             (None, Some(attempt), Some(channel), Some(priority)) => out.requeued.push(Requeued {
                 id: r.id,
+                user_id: r.user_id.unwrap_or_default(),
                 attempt,
                 channel,
                 priority,

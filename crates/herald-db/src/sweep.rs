@@ -33,6 +33,9 @@ pub struct SweepResult {
     pub expired_leases: u64,
     pub dead_after_lease: u64,
     pub owed: Vec<OwedJob>,
+    /// Users whose deliveries this pass moved (lapsed claims), for live
+    /// clients.
+    pub changed_users: Vec<String>,
 }
 
 /// One sweep pass, under a transaction-scoped advisory lock.
@@ -55,7 +58,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     // Claims whose lease lapsed: the worker died or stalled mid-send. The
     // send may have happened, so the attempt counts and is marked
     // ambiguous; the delivery retries (or is dead if out of attempts).
-    let expired: Vec<(String, String)> = sqlx::query_as(
+    let expired: Vec<(String, String, String)> = sqlx::query_as(
         "WITH s AS (
              SELECT id FROM deliveries WHERE status = 'sending' AND lease_until < now()
              ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -68,13 +71,13 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
                  last_error = 'lease expired before the worker recorded a result',
                  last_error_class = 'ambiguous'
              FROM s WHERE d.id = s.id
-             RETURNING d.id, d.attempt, d.status
+             RETURNING d.id, d.attempt, d.status, d.user_id
          ), a AS (
              UPDATE delivery_attempts t SET finished_at = now(), outcome = 'lease_expired',
                  error = 'lease expired before the worker recorded a result'
              FROM u WHERE t.delivery_id = u.id AND t.attempt = u.attempt AND t.finished_at IS NULL
          )
-         SELECT id, status FROM u",
+         SELECT id, status, user_id FROM u",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
@@ -89,15 +92,16 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     )
     .bind(limit)
     .bind(grace_secs)
-    .bind(expired.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+    .bind(expired.iter().map(|(id, ..)| id.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(SweepResult {
         ran: true,
         expired_leases: expired.len() as u64,
-        dead_after_lease: expired.iter().filter(|(_, s)| s == "dead").count() as u64,
+        dead_after_lease: expired.iter().filter(|(_, s, _)| s == "dead").count() as u64,
         owed,
+        changed_users: expired.into_iter().map(|(.., user)| user).collect(),
     })
 }
 

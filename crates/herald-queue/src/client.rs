@@ -179,6 +179,27 @@ impl QueueClient {
         .await
     }
 
+    /// Publishes `{"type":"user.changed","users":[…]}` for these users
+    /// (call after the change committed): API processes wake the clients
+    /// waiting for them. One message per [`crate::events::USERS_PER_EVENT`]
+    /// users, all in one round trip.
+    pub async fn publish_user_changes(&self, users: &[String]) -> Result<(), QueueError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let channel = events_channel(&self.inner.cfg.prefix);
+        let mut pipe = redis::pipe();
+        for chunk in users.chunks(crate::events::USERS_PER_EVENT) {
+            let event = serde_json::json!({"type": crate::events::USER_CHANGED, "users": chunk}).to_string();
+            pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
+        }
+        self.run("publish user changes", |mut c| {
+            let pipe = &pipe;
+            async move { pipe.query_async::<()>(&mut c).await }
+        })
+        .await
+    }
+
     /// The pub/sub channel [`publish_event`](Self::publish_event) uses.
     #[must_use]
     pub fn events_channel(&self) -> String {

@@ -21,6 +21,7 @@
 //! | `{herald:email:high}:dead` | ZSET, score = death ms | given up; trimmed after 7 days |
 //! | `herald:workers` | HASH | worker id → last heartbeat ms (informational) |
 //! | `herald:wake:email` | pub/sub channel | "jobs were pushed": idle workers fetch at once |
+//! | `herald:events` | pub/sub channel | live-client hints: `user.changed` (whose rows changed), `inbox.item.created` ([`events`]) |
 //!
 //! A job is one short string, `1|dlv_…|attempt|handbacks|ready_since_ms|request_id`
 //! (see [`job`](crate::DeliveryJob)): about 60 bytes + the request id.
@@ -112,6 +113,7 @@ mod client;
 mod config;
 mod conn;
 mod error;
+pub mod events;
 mod job;
 pub mod names;
 mod scripts;
@@ -121,6 +123,7 @@ pub use backend::{Fetched, HandlerPanicked, RedisBackend, SettleLayer, SettleSer
 pub use client::{QueueClient, QueueCounts};
 pub use config::{MAX_FETCH_BATCH, QueueConfig};
 pub use error::QueueError;
+pub use events::{EventSignal, UserChanges, listen_events};
 pub use job::DeliveryJob;
 pub use names::{QueueKeys, QueueName};
 pub use worker_id::WorkerId;

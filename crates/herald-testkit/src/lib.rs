@@ -470,6 +470,26 @@ impl TestApp {
         self.sink.path().join("push.jsonl")
     }
 
+    /// Another API process (in-process, on its own port) on the same
+    /// database and Redis prefix: a replica behind the same load balancer.
+    pub async fn spawn_api_replica(&self) -> ApiReplica {
+        let state = herald_api::AppState::new(self.settings.clone()).expect("app state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = herald_api::serve(state, listener, async move { stop.cancelled().await }).await {
+                tracing::error!(error = %e, "test API replica ended");
+            }
+        });
+        ApiReplica {
+            base_url: format!("http://{addr}"),
+            shutdown,
+            task,
+        }
+    }
+
     /// Stops everything, then removes the test's database and Redis keys.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -480,6 +500,25 @@ impl TestApp {
             let _ = q.delete_all_keys().await;
         }
         self.db.drop_db().await;
+    }
+}
+
+/// A second API process of a [`TestApp`].
+pub struct ApiReplica {
+    pub base_url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiReplica {
+    #[must_use]
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
     }
 }
 
