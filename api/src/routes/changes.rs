@@ -322,7 +322,7 @@ impl Live {
                 next,
                 has_more,
                 stalled,
-            } = match fetch_page(&self.state, &self.user, self.cursor.as_ref(), 100).await {
+            } = match Box::pin(fetch_page(&self.state, &self.user, self.cursor.as_ref(), 100)).await {
                 Ok(p) => p,
                 Err(e) => {
                     // Already logged by ApiError; the client reconnects
