@@ -2,16 +2,22 @@
 //! duplicate job or a stale worker can neither send twice nor move a
 //! status backwards.
 
-use herald_db::deliveries::{AttemptResult, NextState, Recorded, claim_deliveries, claim_delivery, record_attempt};
+use herald_db::deliveries::{
+    AttemptResult, NextState, Recorded, claim_deliveries, claim_delivery, deliver_in_app, record_attempt,
+};
 use herald_testkit::TestDb;
 
 async fn one_queued_delivery(db: &TestDb) -> String {
+    one_queued_delivery_on(db, "in_app", "u_1").await
+}
+
+async fn one_queued_delivery_on(db: &TestDb, channel: &'static str, user: &str) -> String {
     let dlv = herald_core::DeliveryId::generate().to_string();
     let item = herald_db::notifications::NewNotificationWithDeliveries {
         notification: herald_db::notifications::NewNotification {
             id: herald_core::NotificationId::generate().to_string(),
             api_key_id: None,
-            user_id: "u_1".into(),
+            user_id: user.into(),
             category: "general".into(),
             priority: "normal",
             title: "t".into(),
@@ -21,7 +27,7 @@ async fn one_queued_delivery(db: &TestDb) -> String {
         },
         deliveries: vec![herald_db::notifications::NewDelivery {
             id: dlv.clone(),
-            channel: "in_app",
+            channel,
             max_attempts: 3,
             requested: true,
         }],
@@ -136,5 +142,142 @@ async fn in_one_batch_a_stale_copy_of_a_job_does_not_shadow_the_current_one() {
     let claims = claim_deliveries(&db.pool, &jobs, 30.0, "w").await.unwrap();
     let attempts: Vec<Option<i32>> = claims.iter().map(|c| c.as_ref().map(|c| c.attempt)).collect();
     assert_eq!(attempts, vec![None, Some(2), None]);
+    db.drop_db().await;
+}
+
+/// A user with an email address, so that email deliveries are not skipped.
+async fn reachable_user(db: &TestDb, id: &str) {
+    let user = herald_db::users::UserUpsert {
+        id,
+        email: Some("someone@example.com"),
+        locale: None,
+        timezone: None,
+    };
+    herald_db::users::upsert_user(&db.pool, &user).await.unwrap();
+}
+
+async fn count(db: &TestDb, sql: &str, id: &str) -> i64 {
+    sqlx::query_scalar(sql).bind(id).fetch_one(&db.pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_in_app_delivery_is_written_whole_once_and_stale_copies_change_nothing() {
+    let db = TestDb::new().await;
+    let id = one_queued_delivery(&db).await;
+    // A stale job (wrong attempt count) finds nothing to do and writes nothing.
+    let stale = deliver_in_app(&db.pool, &[(id.clone(), 1)], "w0").await.unwrap();
+    assert!(stale[0].is_none());
+    let inbox = "SELECT count(*) FROM inbox_items i JOIN deliveries d ON d.notification_id = i.notification_id
+                 WHERE d.id = $1";
+    assert_eq!(count(&db, inbox, &id).await, 0);
+    assert_eq!(status_of(&db, &id).await, ("queued".into(), 0));
+
+    // The job and a duplicate of it in one batch: one delivers, one is stale.
+    let done = deliver_in_app(&db.pool, &[(id.clone(), 0), (id.clone(), 0)], "w1")
+        .await
+        .unwrap();
+    let delivered: Vec<bool> = done.iter().map(Option::is_some).collect();
+    assert_eq!(delivered, vec![true, false]);
+    let d = done[0].as_ref().unwrap();
+    assert_eq!((d.user_id.as_str(), d.attempt, d.title.as_str()), ("u_1", 1, "t"));
+    assert_eq!(status_of(&db, &id).await, ("delivered".into(), 1));
+    assert_eq!(count(&db, inbox, &id).await, 1);
+    // The attempt is in the history, complete, with the worker that made it.
+    let attempts = herald_db::deliveries::list_attempts(&db.pool, &id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    let a = &attempts[0];
+    assert_eq!(
+        (a.attempt, a.worker_id.as_str(), a.outcome.as_deref()),
+        (1, "w1", Some("delivered"))
+    );
+    assert!(a.finished_at.is_some());
+    let stamped: (bool, bool) = sqlx::query_as(
+        "SELECT delivered_at IS NOT NULL AND finished_at IS NOT NULL, lease_until IS NULL FROM deliveries WHERE id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stamped, (true, true));
+
+    // A late copy after it finished: nothing moves, nothing is duplicated.
+    assert!(deliver_in_app(&db.pool, &[(id.clone(), 0)], "w2").await.unwrap()[0].is_none());
+    assert!(deliver_in_app(&db.pool, &[(id.clone(), 1)], "w2").await.unwrap()[0].is_none());
+    assert_eq!(count(&db, inbox, &id).await, 1);
+    assert_eq!(status_of(&db, &id).await, ("delivered".into(), 1));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_in_app_path_takes_only_in_app_deliveries_and_resumes_a_retrying_one() {
+    let db = TestDb::new().await;
+    // An email delivery's job must never be "delivered" by an in-app worker.
+    reachable_user(&db, "u_1").await;
+    let email = one_queued_delivery_on(&db, "email", "u_1").await;
+    assert!(deliver_in_app(&db.pool, &[(email.clone(), 0)], "w").await.unwrap()[0].is_none());
+    assert_eq!(status_of(&db, &email).await, ("queued".into(), 0));
+
+    // An in-app delivery whose first attempt was claimed and then lapsed
+    // (retrying at attempt 1) is delivered by its attempt-1 job as attempt 2.
+    let id = one_queued_delivery(&db).await;
+    claim_delivery(&db.pool, &id, 0, 30.0, "w").await.unwrap().unwrap();
+    let retry = result(
+        &id,
+        1,
+        NextState::Retrying {
+            after: std::time::Duration::ZERO,
+        },
+        "transient",
+    );
+    record_attempt(&db.pool, &retry).await.unwrap();
+    let done = deliver_in_app(&db.pool, &[(id.clone(), 1)], "w").await.unwrap();
+    assert_eq!(done[0].as_ref().map(|d| d.attempt), Some(2));
+    assert_eq!(status_of(&db, &id).await, ("delivered".into(), 2));
+    assert_eq!(
+        herald_db::deliveries::list_attempts(&db.pool, &id).await.unwrap().len(),
+        2
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_push_claim_reads_the_users_active_devices_in_the_same_statement() {
+    let db = TestDb::new().await;
+    reachable_user(&db, "u_push").await;
+    let (old, _) = herald_db::users::register_device(&db.pool, "u_push", "ios", "apns", "tok-a")
+        .await
+        .unwrap();
+    let (gone, _) = herald_db::users::register_device(&db.pool, "u_push", "android", "fcm", "tok-b")
+        .await
+        .unwrap();
+    let (new, _) = herald_db::users::register_device(&db.pool, "u_push", "web", "webpush", "tok-c")
+        .await
+        .unwrap();
+    herald_db::users::disable_device(&db.pool, &gone.id, "unregistered")
+        .await
+        .unwrap();
+    let push = one_queued_delivery_on(&db, "push", "u_push").await;
+    let email = one_queued_delivery_on(&db, "email", "u_push").await;
+    let claims = claim_deliveries(&db.pool, &[(push, 0), (email, 0)], 30.0, "w")
+        .await
+        .unwrap();
+    let devices: Vec<(String, String, String)> = claims[0]
+        .as_ref()
+        .unwrap()
+        .devices
+        .0
+        .iter()
+        .map(|d| (d.id.clone(), d.provider.clone(), d.token.clone()))
+        .collect();
+    // Active devices only, oldest first.
+    assert_eq!(
+        devices,
+        vec![
+            (old.id, "apns".to_owned(), "tok-a".to_owned()),
+            (new.id, "webpush".to_owned(), "tok-c".to_owned()),
+        ]
+    );
+    // Other channels carry none.
+    assert!(claims[1].as_ref().unwrap().devices.0.is_empty());
     db.drop_db().await;
 }

@@ -10,8 +10,7 @@ use herald_channels::push::{PushMessage, PushSender, Target};
 use herald_core::validate::mask_email;
 use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
 use herald_db::batch::Batcher;
-use herald_db::deliveries::{AttemptResult, ClaimedDelivery, NextState, Recorded};
-use herald_db::users::Device;
+use herald_db::deliveries::{AttemptResult, ClaimedDelivery, InboxDelivered, NextState, Recorded};
 use herald_queue::{DeliveryJob, QueueClient, QueueName, UserChanges, WorkerId};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -48,8 +47,8 @@ struct Batches {
     claims: Batcher<(String, i32), Option<ClaimedDelivery>>,
     /// Each result with its delivery's user.
     records: Batcher<(AttemptResult, String), Recorded>,
-    inbox: Batcher<String, ()>,
-    devices: Batcher<String, Vec<Device>>,
+    /// In-app jobs, delivered whole in one statement each batch.
+    in_app: Batcher<(String, i32), Option<InboxDelivered>>,
 }
 
 /// Most items in one batched statement.
@@ -72,8 +71,9 @@ impl Batches {
             }
         });
         let p = pool.clone();
+        let c = changes.clone();
         let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |items: Vec<(AttemptResult, String)>| {
-            let (p, c) = (p.clone(), changes.clone());
+            let (p, c) = (p.clone(), c.clone());
             async move {
                 let (results, users): (Vec<AttemptResult>, Vec<String>) = items.into_iter().unzip();
                 let recorded = herald_db::deliveries::record_attempts(&p, &results).await?;
@@ -88,23 +88,19 @@ impl Batches {
             }
         });
         let p = pool.clone();
-        let inbox = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |ids: Vec<String>| {
-            let p = p.clone();
+        let w = worker_id.to_string();
+        let in_app = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
+            let (p, w, c) = (p.clone(), w.clone(), changes.clone());
             async move {
-                herald_db::deliveries::insert_inbox_items(&p, &ids).await?;
-                Ok(vec![(); ids.len()])
+                let done = herald_db::deliveries::deliver_in_app(&p, &jobs, &w).await?;
+                c.changed(done.iter().flatten().map(|d| d.user_id.clone()));
+                Ok(done)
             }
-        });
-        let p = pool.clone();
-        let devices = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |users: Vec<String>| {
-            let p = p.clone();
-            async move { herald_db::users::active_devices_of(&p, &users).await }
         });
         Self {
             claims,
             records,
-            inbox,
-            devices,
+            in_app,
         }
     }
 }
@@ -177,6 +173,9 @@ impl Deliverer {
 
     async fn deliver_inner(&self, job: &DeliveryJob) -> Result<(), DeliverError> {
         let id = job.delivery_id.to_string();
+        if matches!(self.sender, Sender::InApp) {
+            return self.deliver_in_app(id, job.attempt).await;
+        }
         let Some(claimed) = self
             .batches
             .claims
@@ -232,12 +231,7 @@ impl Deliverer {
                 }
             }
             Sender::Push(sender) => {
-                let devices = self
-                    .batches
-                    .devices
-                    .submit(d.user_id.clone())
-                    .await
-                    .map_err(|e| shared(&e))?;
+                let devices = &d.devices.0;
                 if devices.is_empty() {
                     return Ok(Sent::Skipped("user has no active push device".into()));
                 }
@@ -283,31 +277,43 @@ impl Deliverer {
                     }
                 }
             }
-            Sender::InApp => {
-                self.batches
-                    .inbox
-                    .submit(d.notification_id.clone())
-                    .await
-                    .map_err(|e| shared(&e))?;
-                tracing::info!("in-app message delivered to the inbox");
-                // Live clients hear of it at once; one that misses it (pub/sub
-                // keeps nothing) finds the item in its inbox.
-                let event = serde_json::json!({
-                    "type": "inbox.item.created",
-                    "user_id": d.user_id,
-                    "notification_id": d.notification_id,
-                    "category": d.category,
-                    "title": d.title,
-                });
-                if let Err(e) = self.queue.publish_event(&event.to_string()).await {
-                    tracing::debug!(error = %e, "could not publish the inbox event");
-                }
-                Sent::Ok {
-                    status: "delivered",
-                    detail: None,
-                }
-            }
+            // Not reached: `deliver_inner` hands in-app jobs to
+            // `deliver_in_app`, which needs no claim. Failing the attempt
+            // (rather than panicking) keeps a future routing bug visible in
+            // the delivery's history.
+            Sender::InApp => Sent::Err(
+                SendError::new(ErrorClass::Permanent, "in-app deliveries are not sent through a claim"),
+                None,
+            ),
         })
+    }
+
+    /// An in-app job: claim, inbox write and result in one statement.
+    async fn deliver_in_app(&self, id: String, attempt: i32) -> Result<(), DeliverError> {
+        let Some(d) = self
+            .batches
+            .in_app
+            .submit((id, attempt))
+            .await
+            .map_err(|e| shared(&e))?
+        else {
+            tracing::debug!("job is stale; nothing to do");
+            return Ok(());
+        };
+        tracing::info!("in-app message delivered to the inbox");
+        // Live clients hear of it at once; one that misses it (pub/sub
+        // keeps nothing) finds the item in its inbox.
+        let event = serde_json::json!({
+            "type": "inbox.item.created",
+            "user_id": d.user_id,
+            "notification_id": d.notification_id,
+            "category": d.category,
+            "title": d.title,
+        });
+        if let Err(e) = self.queue.publish_event(&event.to_string()).await {
+            tracing::debug!(error = %e, "could not publish the inbox event");
+        }
+        Ok(())
     }
 
     async fn record(&self, d: &ClaimedDelivery, sent: Sent) -> Result<(), DeliverError> {

@@ -72,6 +72,9 @@ impl DeliveryStatus {
 
     /// Whether `self → next` is a legal move. Operator replays
     /// (`failed|dead → queued`) are legal only through the replay path.
+    /// An in-app delivery goes from waiting straight to `delivered`: its
+    /// "send" is the inbox write, committed together with the claim and
+    /// the attempt row, so it never holds a lease in `sending`.
     #[must_use]
     pub const fn can_move_to(self, next: DeliveryStatus) -> bool {
         use DeliveryStatus::*;
@@ -80,6 +83,7 @@ impl DeliveryStatus {
             (Queued, Sending)
                 | (Queued, Cancelled)
                 | (Queued, Skipped)
+                | (Queued, Delivered)
                 | (Sending, Sent)
                 | (Sending, Delivered)
                 | (Sending, Retrying)
@@ -90,6 +94,7 @@ impl DeliveryStatus {
                 | (Retrying, Dead)
                 | (Retrying, Cancelled)
                 | (Retrying, Skipped)
+                | (Retrying, Delivered)
                 | (Sent, Delivered)
                 | (Failed, Queued)
                 | (Dead, Queued)

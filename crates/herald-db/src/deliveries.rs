@@ -28,6 +28,18 @@ pub struct ClaimedDelivery {
     pub data: serde_json::Value,
     pub request_id: Option<String>,
     pub email: Option<String>,
+    /// For a push delivery: the user's active devices, oldest first, read
+    /// in the same statement. Empty for other channels.
+    pub devices: sqlx::types::Json<Vec<PushDevice>>,
+}
+
+/// A device a push goes to, as the claim reads it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PushDevice {
+    pub id: String,
+    pub platform: String,
+    pub provider: String,
+    pub token: String,
 }
 
 /// Claims a delivery for one attempt: `queued|retrying → sending`, with a
@@ -75,7 +87,13 @@ pub async fn claim_deliveries(
              ON CONFLICT (delivery_id, attempt) DO NOTHING
          )
          SELECT c.id, c.notification_id, c.user_id, c.channel, c.priority, c.attempt, c.max_attempts,
-                n.category, n.title, n.body, n.data, n.request_id, u.email
+                n.category, n.title, n.body, n.data, n.request_id, u.email,
+                CASE WHEN c.channel = 'push' THEN COALESCE((
+                    SELECT json_agg(json_build_object('id', v.id, 'platform', v.platform,
+                                                      'provider', v.provider, 'token', v.token)
+                                    ORDER BY v.created_at)
+                    FROM devices v WHERE v.user_id = c.user_id AND v.disabled_at IS NULL
+                ), '[]'::JSON) ELSE '[]'::JSON END AS devices
          FROM c JOIN notifications n ON n.id = c.notification_id
          LEFT JOIN users u ON u.id = c.user_id",
     )
@@ -91,6 +109,75 @@ pub async fn claim_deliveries(
         .iter()
         .map(|(id, attempt)| match by_id.get(id) {
             Some(c) if c.attempt == attempt + 1 => by_id.remove(id),
+            _ => None,
+        })
+        .collect())
+}
+
+/// An in-app delivery written to its user's inbox.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InboxDelivered {
+    pub id: String,
+    pub notification_id: String,
+    pub user_id: String,
+    /// The attempt this delivery made (1 for the first).
+    pub attempt: i32,
+    pub category: String,
+    pub title: String,
+}
+
+/// Delivers in-app jobs in one statement: for each delivery still waiting
+/// at the job's attempt count, the inbox item is written and the delivery
+/// becomes `delivered` with a completed attempt row, all in one commit.
+///
+/// An in-app "send" is itself a write to Postgres, so it needs neither a
+/// lease nor a separate result: either everything commits or nothing does
+/// and the job is tried again. The fencing is the claim's: a stale or
+/// duplicate job matches no row. One answer per job, in order; `None` for a
+/// stale job.
+pub async fn deliver_in_app(
+    pool: &PgPool,
+    jobs: &[(String, i32)],
+    worker_id: &str,
+) -> Result<Vec<Option<InboxDelivered>>> {
+    let ids: Vec<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|(_, a)| *a).collect();
+    let done: Vec<InboxDelivered> = sqlx::query_as(
+        "WITH j AS (
+             SELECT * FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
+         ), c AS (
+             UPDATE deliveries d SET status = 'delivered', attempt = d.attempt + 1, lease_until = NULL,
+                 next_attempt_at = NULL, updated_at = now(), sent_at = now(), delivered_at = now(),
+                 finished_at = now()
+             FROM j WHERE d.id = j.id AND d.attempt = j.attempt AND d.status IN ('queued', 'retrying')
+               AND d.channel = 'in_app'
+             RETURNING d.id, d.notification_id, d.user_id, d.attempt
+         ), a AS (
+             INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at, finished_at, outcome)
+             SELECT id, attempt, $3, now(), now(), 'delivered' FROM c
+             ON CONFLICT (delivery_id, attempt) DO NOTHING
+         ), n AS (
+             SELECT c.id, c.attempt, n.id AS notification_id, n.user_id, n.category, n.title, n.body, n.data,
+                    n.created_at
+             FROM c JOIN notifications n ON n.id = c.notification_id
+         ), i AS (
+             INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
+             SELECT notification_id, user_id, category, title, body, data, created_at FROM n
+             ON CONFLICT (notification_id) DO NOTHING
+         )
+         SELECT id, notification_id, user_id, attempt, category, title FROM n",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(worker_id)
+    .fetch_all(pool)
+    .await?;
+    let mut by_id: std::collections::HashMap<String, InboxDelivered> =
+        done.into_iter().map(|d| (d.id.clone(), d)).collect();
+    Ok(jobs
+        .iter()
+        .map(|(id, attempt)| match by_id.get(id) {
+            Some(d) if d.attempt == attempt + 1 => by_id.remove(id),
             _ => None,
         })
         .collect())
@@ -235,20 +322,6 @@ pub async fn record_attempts(pool: &PgPool, results: &[AttemptResult]) -> Result
             None => Recorded::Stale,
         })
         .collect())
-}
-
-/// Writes the in-app inbox items of these notifications. Idempotent: a
-/// retried attempt finds its item already there.
-pub async fn insert_inbox_items(pool: &PgPool, notification_ids: &[String]) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
-         SELECT id, user_id, category, title, body, data, created_at FROM notifications WHERE id = ANY($1)
-         ON CONFLICT (notification_id) DO NOTHING",
-    )
-    .bind(notification_ids)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]

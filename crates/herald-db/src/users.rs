@@ -93,24 +93,6 @@ pub async fn list_devices(pool: &PgPool, user_id: &str) -> Result<Vec<Device>> {
     .await?)
 }
 
-/// The devices pushes to these users go to, per user (in input order).
-pub async fn active_devices_of(pool: &PgPool, user_ids: &[String]) -> Result<Vec<Vec<Device>>> {
-    let devices: Vec<Device> = sqlx::query_as(&format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = ANY($1) AND disabled_at IS NULL ORDER BY created_at"
-    ))
-    .bind(user_ids)
-    .fetch_all(pool)
-    .await?;
-    let mut by_user: std::collections::HashMap<&str, Vec<Device>> = std::collections::HashMap::new();
-    for d in &devices {
-        by_user.entry(d.user_id.as_str()).or_default().push(d.clone());
-    }
-    Ok(user_ids
-        .iter()
-        .map(|u| by_user.get(u.as_str()).cloned().unwrap_or_default())
-        .collect())
-}
-
 /// The devices a push goes to.
 pub async fn active_devices(pool: &PgPool, user_id: &str) -> Result<Vec<Device>> {
     Ok(sqlx::query_as(&format!(
