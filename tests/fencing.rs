@@ -281,3 +281,92 @@ async fn a_push_claim_reads_the_users_active_devices_in_the_same_statement() {
     assert!(claims[1].as_ref().unwrap().devices.0.is_empty());
     db.drop_db().await;
 }
+
+/// Index and sequential scans of `deliveries` so far, as seen by `conn`'s
+/// backend once its own counters are flushed.
+async fn deliveries_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT (SELECT COALESCE(idx_scan, 0) FROM pg_stat_user_indexes WHERE indexrelname = 'deliveries_pending'),
+                (SELECT COALESCE(seq_scan, 0) FROM pg_stat_user_tables WHERE relname = 'deliveries')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn worker_statements_find_deliveries_by_primary_key_even_with_stale_statistics() {
+    let db = TestDb::new().await;
+    // Statistics taken after a quiet hour: 20,000 deliveries, none pending…
+    sqlx::query(
+        "WITH n AS (
+             INSERT INTO notifications (id, user_id, category, priority, title, body)
+             SELECT 'ntf_old' || g, 'u_old', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
+             RETURNING id
+         )
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts, finished_at)
+         SELECT 'dlv_old' || substr(id, 8), id, 'u_old', 'in_app', 'normal', 'delivered', 3, now() FROM n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE deliveries").execute(&db.pool).await.unwrap();
+    // …then a backlog arrives before the next analyze.
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(one_queued_delivery(&db).await);
+    }
+    sqlx::query(
+        "WITH n AS (
+             INSERT INTO notifications (id, user_id, category, priority, title, body)
+             SELECT 'ntf_new' || g, 'u_new', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
+             RETURNING id
+         )
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
+         SELECT 'dlv_new' || substr(id, 8), id, 'u_new', 'in_app', 'normal', 'queued', 3 FROM n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // One connection, so the scans counted are the statements' own.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut conn = one.acquire().await.unwrap();
+    let before = deliveries_scans(&mut conn).await;
+    drop(conn);
+    let jobs: Vec<(String, i32)> = waiting.iter().map(|id| (id.clone(), 0)).collect();
+    herald_db::notifications::mark_enqueued(&one, &jobs[..2]).await.unwrap();
+    let claimed = claim_deliveries(&one, &jobs[..2], 30.0, "w").await.unwrap();
+    assert!(claimed.iter().all(Option::is_some));
+    let results: Vec<AttemptResult> = waiting[..2]
+        .iter()
+        .map(|id| result(id, 1, NextState::Delivered, "delivered"))
+        .collect();
+    let recorded = herald_db::deliveries::record_attempts(&one, &results).await.unwrap();
+    assert!(recorded.iter().all(|r| matches!(r, Recorded::Moved { .. })));
+    let done = deliver_in_app(&one, &jobs[2..], "w").await.unwrap();
+    assert!(done.iter().all(Option::is_some));
+    let mut conn = one.acquire().await.unwrap();
+    let after = deliveries_scans(&mut conn).await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 0),
+        "(pending-index scans, sequential scans) of deliveries by the worker's statements: \
+         each must find its rows by primary key, whatever the statistics say"
+    );
+    drop(conn);
+    one.close().await;
+    db.drop_db().await;
+}

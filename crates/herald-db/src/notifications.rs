@@ -206,12 +206,13 @@ pub async fn mark_enqueued(pool: &PgPool, jobs: &[(String, i32)]) -> Result<()> 
     if jobs.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
-    let attempts: Vec<i32> = jobs.iter().map(|(_, a)| *a).collect();
+    let (ids, attempts) = crate::deliveries::in_lock_order(jobs);
+    // By primary key only, like the worker's statements (see
+    // `herald_db::deliveries`).
     sqlx::query(
         "UPDATE deliveries d SET enqueued_at = clock_timestamp()
          FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
-         WHERE d.id = j.id AND d.attempt = j.attempt AND d.status IN ('queued', 'retrying')",
+         WHERE d.id = j.id AND d.attempt = j.attempt AND (d.status || '') IN ('queued', 'retrying')",
     )
     .bind(&ids)
     .bind(&attempts)
