@@ -313,19 +313,35 @@ async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_newer_attempt() {
     let n = post_many(&app, 1000 * scale()).await;
     let started = Instant::now();
     let stalled = WorkerProcess::spawn(&app.env, Channel::Push);
-    // Let it claim work, then freeze it mid-delivery.
+    // Freeze it while it holds claims. A claim batch is held for a few
+    // milliseconds only, so stop it when claims are seen, give statements it
+    // already sent time to commit, and look again: if it held none after
+    // all, let it go on and try again.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let sending: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status IN ('sending', 'sent')")
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
-        if sending > 100 || Instant::now() > deadline {
-            break;
+    let held = loop {
+        let sending = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deliveries WHERE status = 'sending'")
+                .fetch_one(app.pool())
+                .await
+                .unwrap()
+        };
+        while sending().await == 0 {
+            assert!(Instant::now() < deadline, "the worker never claimed work");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    stalled.signal(Signal::SIGSTOP);
+        stalled.signal(Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = sending().await;
+        if held > 0 {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never stopped the worker while it held claims"
+        );
+        stalled.signal(Signal::SIGCONT);
+    };
+    println!("SIGSTOP: the stopped worker holds {held} claims");
     let mut rescuer = WorkerProcess::spawn(&app.env, Channel::Push);
     check_nothing_lost(&app, n, "SIGSTOP past the lease (before resuming)", started).await;
     let before: Vec<(String, String, i32)> = sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id")
