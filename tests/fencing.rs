@@ -370,3 +370,89 @@ async fn worker_statements_find_deliveries_by_primary_key_even_with_stale_statis
     one.close().await;
     db.drop_db().await;
 }
+
+/// Runs the worker's three statements `rounds` times for ids that do not
+/// exist (what a new deployment's first jobs look like to the planner: an
+/// empty table), so a connection that caches generic plans has cached them.
+async fn warm_up_on_empty_table(pool: &sqlx::PgPool, rounds: usize) {
+    for i in 0..rounds {
+        let none = vec![(format!("dlv_none{i}"), 0)];
+        assert!(claim_deliveries(pool, &none, 30.0, "w").await.unwrap()[0].is_none());
+        let r = result(&none[0].0, 1, NextState::Delivered, "delivered");
+        assert!(matches!(
+            herald_db::deliveries::record_attempts(pool, &[r]).await.unwrap()[0],
+            Recorded::Stale
+        ));
+        assert!(deliver_in_app(pool, &none, "w").await.unwrap()[0].is_none());
+    }
+}
+
+/// The same statements once the table holds a backlog (not analyzed yet);
+/// returns the sequential scans of `deliveries` they made.
+async fn seq_scans_on_full_table(pool: &sqlx::PgPool, waiting: &[String]) -> i64 {
+    let mut conn = pool.acquire().await.unwrap();
+    let before = deliveries_scans(&mut conn).await.1;
+    drop(conn);
+    let jobs: Vec<(String, i32)> = waiting.iter().map(|id| (id.clone(), 0)).collect();
+    let claimed = claim_deliveries(pool, &jobs[..1], 30.0, "w").await.unwrap();
+    assert!(claimed[0].is_some());
+    let r = result(&waiting[0], 1, NextState::Delivered, "delivered");
+    let recorded = herald_db::deliveries::record_attempts(pool, &[r]).await.unwrap();
+    assert!(matches!(recorded[0], Recorded::Moved { .. }));
+    assert!(deliver_in_app(pool, &jobs[1..], "w").await.unwrap()[0].is_some());
+    let mut conn = pool.acquire().await.unwrap();
+    deliveries_scans(&mut conn).await.1 - before
+}
+
+#[tokio::test]
+async fn the_workers_pool_never_reuses_a_plan_made_on_an_empty_table() {
+    let db = TestDb::new().await;
+    // One connection each, so every call reuses the same cached statements.
+    let workers = herald_db::connect_lazy_planned_per_call(&db.url, 1).unwrap();
+    let plain = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&workers)
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_custom_plan");
+    // Postgres switches a prepared statement to its generic plan after five
+    // custom ones when the generic one looks no worse: on an empty table it
+    // does not.
+    warm_up_on_empty_table(&workers, 8).await;
+    warm_up_on_empty_table(&plain, 8).await;
+    // A backlog arrives before any analyze.
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(one_queued_delivery(&db).await);
+    }
+    sqlx::query(
+        "WITH n AS (
+             INSERT INTO notifications (id, user_id, category, priority, title, body)
+             SELECT 'ntf_new' || g, 'u_new', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
+             RETURNING id
+         )
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
+         SELECT 'dlv_new' || substr(id, 8), id, 'u_new', 'in_app', 'normal', 'queued', 3 FROM n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let on_workers = seq_scans_on_full_table(&workers, &waiting[..2]).await;
+    // For comparison (not asserted: an autovacuum analyze arriving meanwhile
+    // would invalidate the plain connection's cached plans).
+    let on_plain = seq_scans_on_full_table(&plain, &waiting[2..]).await;
+    println!(
+        "sequential scans of 20,004 deliveries by claim + record + in-app: workers' pool {on_workers}, a plain pool {on_plain}"
+    );
+    assert_eq!(
+        on_workers, 0,
+        "the workers' statements must be planned for the table as it is now, not as it was"
+    );
+    workers.close().await;
+    plain.close().await;
+    db.drop_db().await;
+}

@@ -106,8 +106,8 @@ pub async fn run_worker(
 /// Connects, migrates, and runs the given channels' workers plus the
 /// sweeper and the replay runner in this process until `shutdown` is cancelled.
 pub async fn run(settings: Settings, channels: &[Channel], shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool =
-        herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections).context("DATABASE_URL")?;
+    let pool = herald_db::connect_lazy_planned_per_call(settings.database_url.expose(), settings.db_max_connections)
+        .context("DATABASE_URL")?;
     herald_db::migrate_with_retry(&pool, Duration::from_secs(30))
         .await
         .context("applying migrations (is DATABASE_URL reachable?)")?;
@@ -118,7 +118,8 @@ pub async fn run(settings: Settings, channels: &[Channel], shutdown: Cancellatio
     }
     // Its own two connections: a busy worker's pool must not starve an
     // operator's replay, nor a replay slow the deliveries.
-    let replay_pool = herald_db::connect_lazy(settings.database_url.expose(), 2).context("DATABASE_URL")?;
+    let replay_pool =
+        herald_db::connect_lazy_planned_per_call(settings.database_url.expose(), 2).context("DATABASE_URL")?;
     let replays = tokio::spawn(replayer::run(
         replayer::Replayer::new(replay_pool, sweeper_queue.clone(), &settings),
         shutdown.clone(),

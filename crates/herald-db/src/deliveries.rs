@@ -16,10 +16,16 @@
 //! stays in the `WHERE` of the `UPDATE`, so Postgres re-checks it on the
 //! newest row version when two claims race: the fence is unchanged.
 //!
-//! They are also planned afresh on every call (`persistent(false)`): a plan
-//! cached while the table was empty (a new deployment; the bench's
-//! truncation between scenarios) seq-scans it for every batch until
-//! autovacuum's next analyze, which a busy table may not get for minutes.
+//! They must also be planned afresh on every call: a plan cached while the
+//! table was empty (a new deployment; the bench's truncation between
+//! scenarios) seq-scans it for every batch until autovacuum's next analyze,
+//! which a busy table may not get for minutes. The workers' pool sets
+//! `plan_cache_mode = force_custom_plan`
+//! ([`connect_lazy_planned_per_call`](crate::connect_lazy_planned_per_call)):
+//! each statement is still prepared once per connection, so a call is one
+//! round trip, but planned with its values on every execution. (An unnamed
+//! statement would plan afresh too, at the cost of a second round trip to
+//! describe it on every call: ~0.3–0.7 ms on an idle worker's path.)
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -115,7 +121,6 @@ pub async fn claim_deliveries(
     .bind(&attempts)
     .bind(lease_secs)
     .bind(worker_id)
-    .persistent(false)
     .fetch_all(pool)
     .await?;
     let mut by_id: std::collections::HashMap<String, ClaimedDelivery> =
@@ -195,7 +200,6 @@ pub async fn deliver_in_app(
     .bind(&ids)
     .bind(&attempts)
     .bind(worker_id)
-    .persistent(false)
     .fetch_all(pool)
     .await?;
     let mut by_id: std::collections::HashMap<String, InboxDelivered> =
@@ -337,7 +341,6 @@ pub async fn record_attempts(pool: &PgPool, results: &[AttemptResult]) -> Result
     .bind(&provider)
     .bind(&outcomes)
     .bind(&details)
-    .persistent(false)
     .fetch_all(pool)
     .await?;
     let mut by_id: std::collections::HashMap<(String, i32), Option<DateTime<Utc>>> =

@@ -80,17 +80,58 @@ pub type Result<T, E = DbError> = std::result::Result<T, E>;
 /// Opens a pool. It connects lazily, so a process can start (and answer
 /// `/readyz` with "not ready") while Postgres is still coming up.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {
-    let options: PgConnectOptions = url
+    Ok(pool_options(max_connections).connect_lazy_with(connect_options(url)?))
+}
+
+/// [`connect_lazy`] for the workers: every statement on these connections
+/// is planned with its parameters' values and the table's current size on
+/// each execution (`plan_cache_mode = force_custom_plan`), while still
+/// prepared once (one round trip per statement, not two).
+///
+/// The workers' statements (claims, results, in-app deliveries, sweeps,
+/// replays) run against a table whose contents swing from empty to a
+/// million pending rows and back. A generic plan cached at the wrong
+/// moment (a new deployment, a drained backlog) seq-scans the table for
+/// every batch until the next analyze: measured at 1–3 s per batch of
+/// 20–40 rows (`herald_db::deliveries`).
+pub fn connect_lazy_planned_per_call(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = connect_options(url)?.options([("plan_cache_mode", "force_custom_plan")]);
+    Ok(pool_options(max_connections).connect_lazy_with(options))
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    Ok(url
         .parse::<PgConnectOptions>()
         .map_err(|e| DbError::InvalidUrl(e.to_string()))?
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-    Ok(PgPoolOptions::new()
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy_with(options))
+        // sqlx pings every connection it hands out: a round trip (and a
+        // Postgres wake-up) before every statement on the hot paths. Only a
+        // connection idle for a while is worth checking; one used in the
+        // last second that broke since fails its statement, which callers
+        // already treat as "database unavailable" (503, or the job handed
+        // back), and the pool opens a fresh one.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_IF_IDLE_FOR {
+                    return Ok(true);
+                }
+                // A broken connection is closed and another one taken.
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
 }
+
+/// A pooled connection idle at least this long is pinged before use.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Creates the database named in `url` if it does not exist (development
 /// and tests: production databases are provisioned by their owners).
