@@ -179,11 +179,10 @@ impl Engine {
         self.round = self.round.wrapping_add(1);
         let order = std::iter::once(primary).chain(self.by_priority.iter().copied().filter(move |&s| s != primary));
         let lease = ms(self.cfg.lease);
-        let mut fetched = Vec::new();
-        let mut buried = Vec::new();
+        let mut got = 0;
         let mut next_due: Option<u64> = None;
         for slot in order {
-            let left = want.saturating_sub(fetched.len());
+            let left = want.saturating_sub(got);
             if left == 0 {
                 break;
             }
@@ -217,6 +216,7 @@ impl Engine {
                     next_due = Some(next_due.map_or(due, |d| d.min(due)));
                 }
             }
+            let (mut fetched, mut buried) = (Vec::new(), Vec::new());
             for member in reply.into_iter().skip(5) {
                 let member: Arc<str> = member.into();
                 match WireJob::decode(&member) {
@@ -245,23 +245,26 @@ impl Engine {
                     }
                 }
             }
-        }
-        let got = fetched.len();
-        let consumer = {
-            let mut st = self.shared.lock();
-            for f in fetched {
-                *st.held.entry((f.slot, f.member.clone())).or_default() += 1;
-                st.buffer.push_back(f);
+            // Hand this queue's jobs over now: the worker starts on them
+            // while the round goes on to the next queue.
+            got += fetched.len();
+            let consumer = {
+                let mut st = self.shared.lock();
+                let any = !fetched.is_empty();
+                for f in fetched {
+                    *st.held.entry((f.slot, f.member.clone())).or_default() += 1;
+                    st.buffer.push_back(f);
+                }
+                for m in buried {
+                    *st.held.entry((m.slot, m.old.clone())).or_default() += 1;
+                    st.moves.push(m);
+                    self.shared.notify.notify_one();
+                }
+                if any { st.consumer.take() } else { None }
+            };
+            if let Some(waker) = consumer {
+                waker.wake();
             }
-            for m in buried {
-                *st.held.entry((m.slot, m.old.clone())).or_default() += 1;
-                st.moves.push(m);
-                self.shared.notify.notify_one();
-            }
-            if got > 0 { st.consumer.take() } else { None }
-        };
-        if let Some(waker) = consumer {
-            waker.wake();
         }
         self.idle_until = if got == 0 {
             // Nothing now: sleep until a wake-up, the next due job or lease
