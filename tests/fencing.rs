@@ -302,6 +302,28 @@ async fn deliveries_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
     .unwrap()
 }
 
+/// Four queued deliveries to work on (returned), then 20,000 more queued
+/// ones: a backlog that arrives before the next analyze.
+async fn backlog_arrives(db: &TestDb) -> Vec<String> {
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(one_queued_delivery(db).await);
+    }
+    sqlx::query(
+        "WITH n AS (
+             INSERT INTO notifications (id, user_id, category, priority, title, body)
+             SELECT 'ntf_new' || g, 'u_new', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
+             RETURNING id
+         )
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
+         SELECT 'dlv_new' || substr(id, 8), id, 'u_new', 'in_app', 'normal', 'queued', 3 FROM n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    waiting
+}
+
 #[tokio::test]
 async fn worker_statements_find_deliveries_by_primary_key_even_with_stale_statistics() {
     let db = TestDb::new().await;
@@ -320,22 +342,7 @@ async fn worker_statements_find_deliveries_by_primary_key_even_with_stale_statis
     .unwrap();
     sqlx::query("ANALYZE deliveries").execute(&db.pool).await.unwrap();
     // …then a backlog arrives before the next analyze.
-    let mut waiting = Vec::new();
-    for _ in 0..4 {
-        waiting.push(one_queued_delivery(&db).await);
-    }
-    sqlx::query(
-        "WITH n AS (
-             INSERT INTO notifications (id, user_id, category, priority, title, body)
-             SELECT 'ntf_new' || g, 'u_new', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
-             RETURNING id
-         )
-         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
-         SELECT 'dlv_new' || substr(id, 8), id, 'u_new', 'in_app', 'normal', 'queued', 3 FROM n",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let waiting = backlog_arrives(&db).await;
 
     // One connection, so the scans counted are the statements' own.
     let one = sqlx::postgres::PgPoolOptions::new()
@@ -425,22 +432,7 @@ async fn the_workers_pool_never_reuses_a_plan_made_on_an_empty_table() {
     warm_up_on_empty_table(&workers, 8).await;
     warm_up_on_empty_table(&plain, 8).await;
     // A backlog arrives before any analyze.
-    let mut waiting = Vec::new();
-    for _ in 0..4 {
-        waiting.push(one_queued_delivery(&db).await);
-    }
-    sqlx::query(
-        "WITH n AS (
-             INSERT INTO notifications (id, user_id, category, priority, title, body)
-             SELECT 'ntf_new' || g, 'u_new', 'c', 'normal', 't', 'b' FROM generate_series(1, 20000) g
-             RETURNING id
-         )
-         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
-         SELECT 'dlv_new' || substr(id, 8), id, 'u_new', 'in_app', 'normal', 'queued', 3 FROM n",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let waiting = backlog_arrives(&db).await;
     let on_workers = seq_scans_on_full_table(&workers, &waiting[..2]).await;
     // For comparison (not asserted: an autovacuum analyze arriving meanwhile
     // would invalidate the plain connection's cached plans).
