@@ -1,11 +1,11 @@
 //! The producer and inspection handle.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use herald_core::Channel;
+use herald_core::{Channel, Priority};
 use redis::RedisResult;
 use redis::aio::MultiplexedConnection;
 
@@ -74,7 +74,7 @@ impl QueueClient {
         let now = now_ms();
         let prefix = &self.inner.cfg.prefix;
         let mut pipe = redis::pipe();
-        let mut channels = BTreeSet::new();
+        let mut queues = Vec::new();
         for (queue, group) in group_by_queue(jobs.iter().map(|(q, j)| (*q, j))) {
             let ready = queue.keys(prefix).ready;
             for chunk in group.chunks(ARGS_PER_COMMAND) {
@@ -84,9 +84,9 @@ impl QueueClient {
                 }
                 cmd.ignore();
             }
-            channels.insert(queue.channel);
+            queues.push(queue);
         }
-        publish_wake(&mut pipe, prefix, &channels);
+        publish_wake(&mut pipe, prefix, &queues);
         self.run("enqueue jobs", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }
@@ -103,7 +103,6 @@ impl QueueClient {
         }
         let prefix = &self.inner.cfg.prefix;
         let mut pipe = redis::pipe();
-        let mut channels = BTreeSet::new();
         let mut by_queue: Vec<(QueueName, Vec<(u64, String)>)> = Vec::new();
         for (queue, job, at) in jobs {
             let due = epoch_ms(*at);
@@ -122,10 +121,10 @@ impl QueueClient {
                 }
                 cmd.ignore();
             }
-            channels.insert(queue.channel);
         }
         // Idle workers re-read the next due time, so they wake exactly then.
-        publish_wake(&mut pipe, prefix, &channels);
+        let queues: Vec<QueueName> = by_queue.iter().map(|(q, _)| *q).collect();
+        publish_wake(&mut pipe, prefix, &queues);
         self.run("schedule jobs", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }
@@ -359,7 +358,7 @@ impl QueueClient {
             pipe.cmd("LPUSH").arg(&keys.ready).arg(wire.encode()).ignore();
             moved += 1;
         }
-        publish_wake(&mut pipe, &self.inner.cfg.prefix, &BTreeSet::from([queue.channel]));
+        publish_wake(&mut pipe, &self.inner.cfg.prefix, &[queue]);
         self.run("requeue dead jobs", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }
@@ -428,11 +427,19 @@ fn group_by_queue<'a>(
     groups
 }
 
-fn publish_wake(pipe: &mut redis::Pipeline, prefix: &str, channels: &BTreeSet<Channel>) {
-    for channel in channels {
+/// One wake-up per channel involved. The message names the priorities that
+/// got jobs ("normal", "high,low"): an idle worker fetches those queues
+/// first, instead of walking its round-robin order through empty ones.
+fn publish_wake(pipe: &mut redis::Pipeline, prefix: &str, queues: &[QueueName]) {
+    let mut by_channel: BTreeMap<Channel, BTreeSet<Priority>> = BTreeMap::new();
+    for q in queues {
+        by_channel.entry(q.channel).or_default().insert(q.priority);
+    }
+    for (channel, priorities) in by_channel {
+        let names: Vec<&str> = priorities.iter().map(|p| p.as_str()).collect();
         pipe.cmd("PUBLISH")
-            .arg(wake_channel(prefix, *channel))
-            .arg("1")
+            .arg(wake_channel(prefix, channel))
+            .arg(names.join(","))
             .ignore();
     }
 }

@@ -20,7 +20,7 @@
 //! | `{herald:email:high}:inflight` | ZSET, score = lease deadline ms | fetched and not yet acknowledged |
 //! | `{herald:email:high}:dead` | ZSET, score = death ms | given up; trimmed after 7 days |
 //! | `herald:workers` | HASH | worker id → last heartbeat ms (informational) |
-//! | `herald:wake:email` | pub/sub channel | "jobs were pushed": idle workers fetch at once |
+//! | `herald:wake:email` | pub/sub channel | "jobs were pushed", naming the priorities (`high,low`): idle workers fetch those queues at once |
 //! | `herald:events` | pub/sub channel | live-client hints: `user.changed` (whose rows changed), `inbox.item.created` ([`events`]) |
 //!
 //! A job is one short string, `1|dlv_…|attempt|handbacks|ready_since_ms|request_id`

@@ -528,6 +528,49 @@ async fn an_idle_worker_picks_up_a_push_within_milliseconds() {
     worker.stop().await;
 }
 
+/// The wake-up names the priorities that got jobs, so an idle worker
+/// fetches those queues first instead of walking through empty ones.
+#[tokio::test]
+async fn a_wake_up_names_the_priorities_that_got_jobs_per_channel() {
+    use futures::StreamExt;
+    let prefix = TestPrefix::new("wakenames");
+    let client = prefix.client();
+    let raw = redis::Client::open(REDIS_URL).unwrap();
+    let mut pubsub = raw.get_async_pubsub().await.unwrap();
+    let email_channel = names::wake_channel(&prefix.cfg.prefix, Channel::Email);
+    let push_channel = names::wake_channel(&prefix.cfg.prefix, Channel::Push);
+    pubsub.subscribe(&email_channel).await.unwrap();
+    pubsub.subscribe(&push_channel).await.unwrap();
+    let jobs = new_jobs(4);
+    let push_normal = QueueName::new(Channel::Push, Priority::Normal);
+    client
+        .enqueue(&[
+            (email(Priority::Low), jobs[0].clone()),
+            (email(Priority::High), jobs[1].clone()),
+            (push_normal, jobs[2].clone()),
+            (email(Priority::Low), jobs[3].clone()),
+        ])
+        .await
+        .unwrap();
+    let mut messages = pubsub.on_message();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a wake-up per channel")
+            .unwrap();
+        got.push((m.get_channel_name().to_owned(), m.get_payload::<String>().unwrap()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (email_channel, "high,low".to_owned()),
+            (push_channel, "normal".to_owned())
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_jobs_are_handed_out_when_due_and_not_before() {
     let prefix = TestPrefix::new("delayed");

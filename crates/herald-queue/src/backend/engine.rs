@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use redis::{Client, PushInfo, PushKind, RedisResult};
 use tokio_util::sync::CancellationToken;
 
-use super::shared::{Move, MoveKind, Shared};
+use super::shared::{Move, MoveKind, Shared, priority_bit, priority_bits};
 use crate::conn::{Backoff, CONNECT_TIMEOUT, Conn, Outage, connection_config, set_name};
 use crate::job::{WireJob, ms, now_ms};
 use crate::names::{QueueKeys, workers_key};
@@ -50,6 +50,9 @@ pub(crate) struct Engine {
     /// Fall-through order within a round: by priority.
     by_priority: Vec<usize>,
     round: usize,
+    /// Priorities that wake-ups said got jobs while this engine was idle:
+    /// the next round fetches their queues first.
+    hint: u8,
     idle_until: Option<Instant>,
     next_heartbeat: Instant,
     heartbeats: u64,
@@ -80,6 +83,7 @@ impl Engine {
             by_priority,
             slots,
             round: 0,
+            hint: 0,
             idle_until: None,
             next_heartbeat: Instant::now(),
             heartbeats: 0,
@@ -134,6 +138,14 @@ impl Engine {
             self.next_heartbeat = Instant::now() + self.cfg.lease / 3;
         }
         if self.shared.wake.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let hinted = self.shared.hinted.swap(0, std::sync::atomic::Ordering::SeqCst);
+            // Only an idle engine follows the hint: every queue was empty at
+            // its last look, so going first to the one that just got jobs
+            // saves round trips and costs no fairness. A busy engine keeps
+            // its weighted order, whatever wake-ups say.
+            if self.idle_until.is_some() {
+                self.hint |= hinted;
+            }
             self.idle_until = None;
         }
         let (buffered, acks, first_ack_at, moves) = {
@@ -177,7 +189,10 @@ impl Engine {
         let mut conn = self.conn.get().await?;
         let primary = self.schedule[self.round % self.schedule.len()];
         self.round = self.round.wrapping_add(1);
-        let order = std::iter::once(primary).chain(self.by_priority.iter().copied().filter(move |&s| s != primary));
+        let hint = std::mem::take(&mut self.hint);
+        let order = fetch_order(primary, &self.by_priority, |s| {
+            hint & priority_bit(self.slots[s].name.priority) != 0
+        });
         let lease = ms(self.cfg.lease);
         let mut got = 0;
         let mut next_due: Option<u64> = None;
@@ -500,6 +515,19 @@ fn weight(queue: QueueName) -> u32 {
     }
 }
 
+/// The queues of one fetch round: those a wake-up named first (by
+/// priority), else the round's primary; then the rest by priority.
+fn fetch_order(primary: usize, by_priority: &[usize], hinted: impl Fn(usize) -> bool) -> Vec<usize> {
+    let (named, rest): (Vec<usize>, Vec<usize>) = by_priority.iter().copied().partition(|&s| hinted(s));
+    if named.is_empty() {
+        std::iter::once(primary)
+            .chain(by_priority.iter().copied().filter(|&s| s != primary))
+            .collect()
+    } else {
+        named.into_iter().chain(rest).collect()
+    }
+}
+
 /// Smooth weighted round robin (as in nginx): for weights 6, 3, 1 the cycle
 /// is spread out (H N H L H H N H N H...), not six highs in a row.
 fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
@@ -570,9 +598,11 @@ async fn listen(
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => return,
-                        push = pushes.recv() => match push.map(|p| p.kind) {
-                            Some(PushKind::Message) => shared.wake_engine(),
-                            Some(PushKind::Disconnection) | None => {
+                        push = pushes.recv() => match push {
+                            Some(PushInfo { kind: PushKind::Message, data }) => {
+                                shared.wake_engine_for(message_bits(&data));
+                            }
+                            Some(PushInfo { kind: PushKind::Disconnection, .. }) | None => {
                                 break "subscription connection closed".to_owned();
                             }
                             Some(_) => {}
@@ -596,9 +626,44 @@ async fn listen(
     }
 }
 
+/// The priorities a wake-up names; its data is `[channel, message]`.
+fn message_bits(data: &[redis::Value]) -> u8 {
+    match data.get(1) {
+        Some(redis::Value::BulkString(m)) => priority_bits(m),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_starts_with_the_queues_a_wake_up_named() {
+        // Slots 0, 1, 2 are high, normal, low.
+        let by_priority = [0, 1, 2];
+        assert_eq!(fetch_order(0, &by_priority, |_| false), [0, 1, 2]);
+        assert_eq!(fetch_order(2, &by_priority, |_| false), [2, 0, 1]);
+        assert_eq!(fetch_order(0, &by_priority, |s| s == 1), [1, 0, 2]);
+        assert_eq!(fetch_order(0, &by_priority, |s| s == 2), [2, 0, 1]);
+        assert_eq!(fetch_order(1, &by_priority, |s| s != 1), [0, 2, 1]);
+    }
+
+    #[test]
+    fn a_wake_up_names_priorities_and_an_old_one_names_none() {
+        use herald_core::Priority::{High, Low, Normal};
+        let v = |s: &str| {
+            vec![
+                redis::Value::BulkString(b"herald:wake:email".to_vec()),
+                redis::Value::BulkString(s.into()),
+            ]
+        };
+        assert_eq!(message_bits(&v("normal")), priority_bit(Normal));
+        assert_eq!(message_bits(&v("high,low")), priority_bit(High) | priority_bit(Low));
+        assert_eq!(message_bits(&v("1")), 0);
+        assert_eq!(message_bits(&[]), 0);
+        assert_eq!(priority_bit(High) & priority_bit(Normal), 0);
+    }
 
     #[test]
     fn high_normal_low_lead_six_three_and_one_rounds_in_ten() {

@@ -2,7 +2,7 @@
 //! the settling middleware) and the engine task that does all Redis I/O.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -17,6 +17,20 @@ use crate::job::{WireJob, now_ms};
 const HANDBACK_BASE_DELAY: Duration = Duration::from_millis(250);
 /// ...up to this.
 const HANDBACK_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// The priorities a wake-up message names ("normal", "high,low"), one bit
+/// per priority; anything else (an older API's "1") names none.
+pub(crate) fn priority_bits(message: &[u8]) -> u8 {
+    std::str::from_utf8(message)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.parse::<herald_core::Priority>().ok())
+        .fold(0, |bits, p| bits | priority_bit(p))
+}
+
+pub(crate) fn priority_bit(p: herald_core::Priority) -> u8 {
+    1 << (p as u8)
+}
 
 /// Where a settled job goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +88,9 @@ pub(crate) struct Shared {
     /// Set by a pub/sub wake-up: fetch now even if the last fetch found
     /// nothing.
     pub wake: AtomicBool,
+    /// Priorities the wake-ups since the engine last looked said got jobs
+    /// (see [`priority_bits`]).
+    pub hinted: AtomicU8,
     pub fetch_batch: usize,
     pub max_handbacks: u32,
 }
@@ -94,6 +111,7 @@ impl Shared {
             }),
             notify: Notify::new(),
             wake: AtomicBool::new(false),
+            hinted: AtomicU8::new(0),
             fetch_batch,
             max_handbacks,
         }
@@ -114,6 +132,12 @@ impl Shared {
     pub fn wake_engine(&self) {
         self.wake.store(true, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// A wake-up that names the priorities that got jobs.
+    pub fn wake_engine_for(&self, priorities: u8) {
+        self.hinted.fetch_or(priorities, Ordering::SeqCst);
+        self.wake_engine();
     }
 
     /// The handler returned `Ok`: remove the job for good (batched).
