@@ -10,6 +10,7 @@
 //! See the README's "Performance" section for how to run it and what it
 //! measured.
 
+mod ceiling;
 mod clients;
 mod cluster;
 mod cpu;
@@ -80,10 +81,15 @@ struct Args {
     /// the default keeps warnings only.
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Scenarios to run, comma-separated, from ingest, drain, e2e, idle,
-    /// scaling, clients (drain needs ingest's backlog; the pgbench baseline runs
-    /// with ingest). Default: all. Footprint is reported from whatever ran.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,drain,e2e,idle,scaling,clients")]
+    /// Scenarios to run, comma-separated, from ceiling, ingest, drain, e2e,
+    /// idle, scaling, clients (drain needs ingest's backlog; the pgbench
+    /// baseline runs with ingest). Default: all. Footprint is reported from
+    /// whatever ran.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,ingest,drain,e2e,idle,scaling,clients"
+    )]
     only: Vec<String>,
     /// Concurrent live-stream clients held by the API in the clients
     /// scenario. Default 10,000 (quick 200); capped by the open-files limit.
@@ -105,6 +111,8 @@ struct Sizes {
     idle: u64,
     backlog: u64,
     pgbench_secs: u64,
+    ceiling_ingest: u64,
+    ceiling_drain: u64,
 }
 
 impl Sizes {
@@ -117,6 +125,8 @@ impl Sizes {
             idle: args.idle.unwrap_or(if q { 20 } else { 300 }),
             backlog: args.backlog.unwrap_or(if q { 1_500 } else { 10_000 }),
             pgbench_secs: args.pgbench_secs.unwrap_or(if q { 2 } else { 10 }),
+            ceiling_ingest: if q { 1_000 } else { 60_000 },
+            ceiling_drain: if q { 1_500 } else { 90_000 },
         }
     }
 }
@@ -158,6 +168,10 @@ struct Bench {
     /// One row per target: (what, goal, measured, met).
     verdicts: Vec<(String, String, String, Option<bool>)>,
     lost: u64,
+    /// The database's ceiling at Herald's own batching: ingest
+    /// notifications/s, drain deliveries/s (the ceiling scenario).
+    ceiling_ingest: Option<f64>,
+    ceiling_drain: Option<f64>,
     _sinks: Vec<sinks::Running>,
 }
 
@@ -344,6 +358,8 @@ impl Bench {
             report: serde_json::Map::new(),
             verdicts: Vec::new(),
             lost: 0,
+            ceiling_ingest: None,
+            ceiling_drain: None,
             _sinks: vec![smtp, push],
         })
     }
@@ -666,6 +682,87 @@ impl Bench {
         Ok(Some(tps))
     }
 
+    /// The database's own ceiling for Herald's statements (see
+    /// [`ceiling`]): at Herald's batching, and at batches no load of
+    /// `--connections` could form, to show how much batching alone leaves.
+    async fn ceiling(&mut self) -> anyhow::Result<()> {
+        let url = self.db.url.clone();
+        // The API: two batches in flight (api/src/ingest.rs), so at most
+        // half the connections' requests per statement.
+        let api = ceiling::Shape {
+            batch: (self.args.connections / 2).max(1),
+            in_flight: 2,
+        };
+        // The workers: 64 deliveries each at once (HERALD_WORKER_CONCURRENCY),
+        // claims and results two at once (workers/src/deliver.rs).
+        let workers = ceiling::Shape {
+            batch: 32,
+            in_flight: 2,
+        };
+        let big = ceiling::Shape {
+            batch: 256,
+            in_flight: 4,
+        };
+        let mut rows = Vec::new();
+        let mut j = serde_json::Map::new();
+        for (label, shape) in [("herald", api), ("big_batches", big)] {
+            let n = self.sizes.ceiling_ingest;
+            let out = ceiling::ingest(&url, &self.users, n, shape).await?;
+            self.reset().await?;
+            rows.push((
+                if label == "herald" {
+                    "ingest, API's batching"
+                } else {
+                    "ingest, big batches"
+                },
+                format!(
+                    "{:.0} notifications/s ({shape}); CPU {}",
+                    out.rate,
+                    cpu::describe(&out.cpu)
+                ),
+            ));
+            j.insert(
+                format!("ingest_{label}"),
+                json!({"notifications": n, "batch": shape.batch, "in_flight": shape.in_flight,
+                       "notifications_per_sec": out.rate, "cpu_cores": cpu_json(&out.cpu)}),
+            );
+            if label == "herald" {
+                self.ceiling_ingest = Some(out.rate);
+            }
+        }
+        for (label, shape) in [("herald", workers), ("big_batches", big)] {
+            seed::backlog(&self.db.pool, None, &self.users, self.sizes.ceiling_drain).await?;
+            let (n, out) = ceiling::drain(&url, shape).await?;
+            self.reset().await?;
+            rows.push((
+                if label == "herald" {
+                    "drain, workers' batching"
+                } else {
+                    "drain, big batches"
+                },
+                format!(
+                    "{:.0} deliveries/s ({shape}); CPU {}",
+                    out.rate,
+                    cpu::describe(&out.cpu)
+                ),
+            ));
+            j.insert(
+                format!("drain_{label}"),
+                json!({"deliveries": n, "batch": shape.batch, "in_flight": shape.in_flight,
+                       "deliveries_per_sec": out.rate, "cpu_cores": cpu_json(&out.cpu)}),
+            );
+            if label == "herald" {
+                self.ceiling_drain = Some(out.rate);
+            }
+        }
+        print_table(
+            "Database ceiling (Herald's own statements from one process: no HTTP, Redis, sinks or Herald processes)",
+            &rows,
+        );
+        self.report.insert("ceiling".into(), Value::Object(j));
+        Ok(())
+    }
+
     async fn ingest(&mut self, pgbench_tps: Option<f64>) -> anyhow::Result<()> {
         let n = self.sizes.ingest;
         let (redis_before, pg_before) = (self.used_memory().await?, self.pg_bytes().await?);
@@ -702,6 +799,12 @@ impl Bench {
                 format!("{ratio:.2}× the database's one-statement-per-request rate"),
             ));
         }
+        if let Some(c) = self.ceiling_ingest {
+            rows.push((
+                "vs ceiling",
+                format!("{:.2}× the database's ceiling for these writes ({c:.0}/s)", rps / c),
+            ));
+        }
         if !r.error_samples.is_empty() {
             rows.push(("errors, e.g.", r.error_samples.join(" | ")));
         }
@@ -715,6 +818,7 @@ impl Bench {
             json!({"notifications": n, "accepted": r.accepted, "errors": r.errors, "connections": self.args.connections,
                    "requests_per_sec": rps, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
                    "elapsed_secs": r.elapsed.as_secs_f64(), "vs_pgbench": ratio,
+                   "vs_ceiling": self.ceiling_ingest.map(|c| rps / c),
                    "queued_in_postgres": queued, "jobs_in_redis": jobs, "cpu_cores": cpu_json(&cpu)}),
         );
         self.report.insert(
@@ -783,6 +887,12 @@ impl Bench {
                     format!("{:.2} s incl. worker start-up", wall.as_secs_f64()),
                 ),
                 ("check", check.line()),
+                (
+                    "vs ceiling",
+                    self.ceiling_drain.map_or("-".to_owned(), |c| {
+                        format!("{:.2}× the database's ceiling for these writes ({c:.0}/s)", rate / c)
+                    }),
+                ),
                 ("CPU, cores", cpu::describe(&cpu)),
                 (
                     "Redis left after completion",
@@ -795,6 +905,7 @@ impl Bench {
         self.report.insert(
             "drain".into(),
             json!({"backlog": backlog, "deliveries": n, "deliveries_per_sec": rate, "wall_secs": wall.as_secs_f64(),
+                   "vs_ceiling": self.ceiling_drain.map(|c| rate / c),
                    "check": check.json(), "cpu_cores": cpu_json(&cpu)}),
         );
         self.report.insert(
@@ -1038,7 +1149,7 @@ impl Bench {
     async fn backlog_drain(&mut self, n: u64) -> anyhow::Result<(f64, Check, f64, Vec<(&'static str, f64)>)> {
         self.stop_workers();
         let t = Instant::now();
-        let written = seed::backlog(&self.db.pool, &self.queue, &self.users, n).await?;
+        let written = seed::backlog(&self.db.pool, Some(&self.queue), &self.users, n).await?;
         let seeded = t.elapsed().as_secs_f64();
         let cpu0 = cpu::snapshot();
         self.start_workers()?;
@@ -1476,7 +1587,8 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.report.insert("machine".into(), m);
     bench.report.insert("quick".into(), json!(bench.args.quick));
     let on = |s: &str| bench.args.only.iter().any(|o| o == s);
-    let (ingest, drain, e2e, idle, scaling, clients) = (
+    let (ceiling, ingest, drain, e2e, idle, scaling, clients) = (
+        on("ceiling"),
         on("ingest"),
         on("drain"),
         on("e2e"),
@@ -1486,6 +1598,9 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     );
     if drain && !ingest {
         bail!("--only drain needs ingest too: it drains ingest's backlog");
+    }
+    if ceiling {
+        bench.ceiling().await?;
     }
     if ingest {
         let tps = bench.pgbench().await?;

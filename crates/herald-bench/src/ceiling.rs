@@ -1,0 +1,216 @@
+//! The database's own ceiling for Herald's work: the very statements the
+//! API and the workers run (`herald_db`'s functions, through pools set up as
+//! theirs are), issued straight from this process in full batches, with
+//! nothing else on the machine busy: no HTTP, no Redis, no sinks, no Herald
+//! process doing anything. Herald runs the same statements and does more
+//! besides on the same cores, so it cannot go faster than this; a target
+//! above the ceiling is out of reach without writing less per notification.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use herald_core::{DeliveryId, NotificationId};
+use herald_db::deliveries::{AttemptResult, NextState, claim_deliveries, deliver_in_app, record_attempts};
+use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries, insert_notifications};
+use sqlx::PgPool;
+
+use crate::cpu;
+
+/// How the work is batched: rows per statement, statements at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub batch: usize,
+    pub in_flight: usize,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} per statement, {} at once", self.batch, self.in_flight)
+    }
+}
+
+pub struct Outcome {
+    pub rate: f64,
+    pub cpu: Vec<(&'static str, f64)>,
+}
+
+/// The API's writes for `n` notifications of three channels each: the
+/// batched insert (what a 202 waits for), then the enqueued marks, which
+/// the API writes off the request path; the clock stops when both are done.
+pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow::Result<Outcome> {
+    let pool = herald_db::connect_lazy(url, 2 * shape.in_flight as u32)?;
+    herald_db::ping(&pool).await?;
+    let left = Arc::new(AtomicU64::new(n));
+    let users: Arc<[String]> = users.into();
+    let cpu0 = cpu::snapshot();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..shape.in_flight {
+        let (pool, left, users) = (pool.clone(), left.clone(), users.clone());
+        tasks.spawn(async move {
+            let mut marks = tokio::task::JoinSet::new();
+            loop {
+                let batch = shape.batch as u64;
+                let take = left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                        (l > 0).then(|| l - l.min(batch))
+                    })
+                    .map_or(0, |before| before.min(batch));
+                if take == 0 {
+                    break;
+                }
+                let items: Vec<NewNotificationWithDeliveries> = (0..take)
+                    .map(|i| notification(&users[i as usize % users.len()]))
+                    .collect();
+                let accepted = insert_notifications(&pool, &items).await?;
+                let ids: Vec<(String, i32)> = accepted
+                    .iter()
+                    .flat_map(|a| a.deliveries.iter().map(|d| (d.id.clone(), 0)))
+                    .collect();
+                let pool = pool.clone();
+                marks.spawn(async move { herald_db::notifications::mark_enqueued(&pool, &ids).await });
+            }
+            while let Some(m) = marks.join_next().await {
+                m??;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'queued' AND enqueued_at IS NOT NULL")
+            .fetch_one(&pool)
+            .await?;
+    if queued != 3 * n as i64 {
+        bail!("the ingest ceiling wrote {queued} marked deliveries for {n} notifications");
+    }
+    pool.close().await;
+    Ok(Outcome {
+        rate: n as f64 / elapsed,
+        cpu,
+    })
+}
+
+fn notification(user: &str) -> NewNotificationWithDeliveries {
+    let id = NotificationId::generate().to_string();
+    NewNotificationWithDeliveries {
+        notification: NewNotification {
+            id,
+            api_key_id: None,
+            user_id: user.to_owned(),
+            category: "bench".to_owned(),
+            priority: "normal",
+            title: "Your order shipped".to_owned(),
+            body: "Order 1234 is on its way.".to_owned(),
+            data: serde_json::json!({"order_id": "1234"}),
+            request_id: Some("bench".to_owned()),
+        },
+        deliveries: ["email", "push", "in_app"]
+            .into_iter()
+            .map(|channel| NewDelivery {
+                id: DeliveryId::generate().to_string(),
+                channel,
+                max_attempts: 8,
+                requested: true,
+            })
+            .collect(),
+    }
+}
+
+/// The workers' writes for every delivery in the table (seeded `queued`):
+/// email and push claim a batch, then record it sent, with claims and
+/// results each `in_flight` at once as a worker runs them; in-app writes
+/// its batches whole in one statement. The clock stops when every delivery
+/// is final.
+pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
+    // Three workers' pools, as each worker process has its own.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut total = 0u64;
+    let mut prepared = Vec::new();
+    for channel in ["email", "push", "in_app"] {
+        let pool = herald_db::connect_lazy_planned_per_call(url, 2 * shape.in_flight as u32)?;
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM deliveries WHERE channel = $1 AND status = 'queued' ORDER BY id")
+                .bind(channel)
+                .fetch_all(&pool)
+                .await
+                .context("listing the seeded backlog")?;
+        total += ids.len() as u64;
+        let chunks: VecDeque<Vec<(String, i32)>> = ids
+            .chunks(shape.batch)
+            .map(|c| c.iter().map(|id| (id.clone(), 0)).collect())
+            .collect();
+        prepared.push((channel, pool, Arc::new(Mutex::new(chunks))));
+    }
+    let cpu0 = cpu::snapshot();
+    let started = Instant::now();
+    for (channel, pool, chunks) in &prepared {
+        // A claim and a result statement each `in_flight` at once: twice as
+        // many loops, each alternating between the two.
+        let loops = if *channel == "in_app" {
+            shape.in_flight
+        } else {
+            2 * shape.in_flight
+        };
+        for _ in 0..loops {
+            let (pool, chunks, channel) = (pool.clone(), chunks.clone(), *channel);
+            tasks.spawn(async move {
+                loop {
+                    let Some(jobs) = chunks.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+                        break;
+                    };
+                    if channel == "in_app" {
+                        deliver_in_app(&pool, &jobs, "ceiling").await?;
+                        continue;
+                    }
+                    let claimed = claim_deliveries(&pool, &jobs, 60.0, "ceiling").await?;
+                    let results: Vec<AttemptResult> = claimed
+                        .into_iter()
+                        .flatten()
+                        .map(|d| AttemptResult {
+                            delivery_id: d.id,
+                            attempt: d.attempt,
+                            next: NextState::Sent,
+                            outcome: "sent",
+                            provider_status: Some(250),
+                            error: None,
+                            detail: None,
+                        })
+                        .collect();
+                    record_attempts(&pool, &results).await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    while let Some(t) = tasks.join_next().await {
+        t??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+    let pool: &PgPool = &prepared[0].1;
+    let unfinished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status NOT IN ('sent', 'delivered')")
+            .fetch_one(pool)
+            .await?;
+    if unfinished != 0 {
+        bail!("the drain ceiling left {unfinished} of {total} deliveries unfinished");
+    }
+    for (_, pool, _) in prepared {
+        pool.close().await;
+    }
+    Ok((
+        total,
+        Outcome {
+            rate: total as f64 / elapsed,
+            cpu,
+        },
+    ))
+}
