@@ -1090,13 +1090,21 @@ impl Bench {
         self.workers_ready().await?;
         let mut sender = load::connect(self.api_addr).await?;
         let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
+        // Per delivery: (channel, POST sent (wall clock, s), 202 after ms,
+        // receipt after ms), to split the latency at the database's own
+        // timestamps below.
+        let mut hops: HashMap<String, (&str, f64, f64, f64)> = HashMap::new();
         let mut timeouts = 0;
         for i in 0..self.sizes.idle {
             // Idle between notifications, so each finds the workers waiting.
             tokio::time::sleep(Duration::from_millis(10)).await;
             let body = self.target.bodies[i as usize % self.target.bodies.len()].clone();
             let t0 = Instant::now();
+            let sent_wall = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
             let (status, answer) = load::post(&mut sender, &self.target, body).await?;
+            let answered_ms = t0.elapsed().as_secs_f64() * 1000.0;
             if status != 202 {
                 bail!("idle POST answered {status}: {}", String::from_utf8_lossy(&answer));
             }
@@ -1112,19 +1120,19 @@ impl Bench {
                     .unwrap_or_default()
                     .to_owned()
             };
-            let waits: [(&str, &Arc<Receipts>, String); 3] = [
-                ("email", &self.receipts.email, id_of("email")),
-                ("push", &self.receipts.push, id_of("push")),
-                ("in_app", &self.receipts.inapp, ntf),
+            let waits: [(&str, &Arc<Receipts>, String, String); 3] = [
+                ("email", &self.receipts.email, id_of("email"), id_of("email")),
+                ("push", &self.receipts.push, id_of("push"), id_of("push")),
+                ("in_app", &self.receipts.inapp, ntf, id_of("in_app")),
             ];
             let deadline = t0 + Duration::from_secs(5);
-            for (ch, receipts, id) in waits {
+            for (ch, receipts, id, delivery) in waits {
                 loop {
                     let notified = receipts.arrived.notified();
                     if let Some(at) = receipts.get(&id) {
-                        lat.entry(ch)
-                            .or_default()
-                            .push(at.saturating_duration_since(t0).as_secs_f64() * 1000.0);
+                        let ms = at.saturating_duration_since(t0).as_secs_f64() * 1000.0;
+                        lat.entry(ch).or_default().push(ms);
+                        hops.insert(delivery, (ch, sent_wall, answered_ms, ms));
                         break;
                     }
                     if Instant::now() > deadline {
@@ -1156,11 +1164,18 @@ impl Bench {
             rows.push((ch, t));
         }
         rows.push(("timeouts (> 5 s)", timeouts.to_string()));
+        let split = self.idle_hops(&hops).await?;
+        for (ch, text, _) in &split {
+            rows.push((ch, text.clone()));
+        }
         rows.push(("check", check.line()));
         print_table("4. Idle latency (POST to receipt at the sink)", &rows);
+        let split_json: serde_json::Map<String, Value> =
+            split.into_iter().map(|(ch, _, j)| (ch.to_owned(), j)).collect();
         self.report.insert(
             "idle_latency".into(),
-            json!({"notifications": self.sizes.idle, "channels": json_ch, "timeouts": timeouts, "check": check.json()}),
+            json!({"notifications": self.sizes.idle, "channels": json_ch, "timeouts": timeouts, "check": check.json(),
+                   "hops_p50_ms": split_json}),
         );
         self.verdict(
             "idle POST-to-sink",
@@ -1170,6 +1185,67 @@ impl Bench {
         );
         self.lost += timeouts;
         self.reset().await
+    }
+
+    /// Where the idle latency goes, per channel (medians, ms), split at
+    /// the database's own timestamps (same machine, same clock): the
+    /// insert's transaction start, and the first attempt's (the claim; for
+    /// in-app, the one statement that delivers it).
+    async fn idle_hops(
+        &self,
+        hops: &HashMap<String, (&'static str, f64, f64, f64)>,
+    ) -> anyhow::Result<Vec<(&'static str, String, Value)>> {
+        let ids: Vec<&str> = hops.keys().map(String::as_str).collect();
+        let stamps: Vec<(String, f64, f64)> = sqlx::query_as(
+            "SELECT d.id, extract(epoch FROM n.created_at)::FLOAT8, extract(epoch FROM a.started_at)::FLOAT8
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = 1
+             WHERE d.id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut by_ch: HashMap<&str, [Vec<f64>; 4]> = HashMap::new();
+        for (id, inserted, claimed) in stamps {
+            let Some(&(ch, sent, answered, received)) = hops.get(&id) else {
+                continue;
+            };
+            let (ins, cl) = ((inserted - sent) * 1000.0, (claimed - sent) * 1000.0);
+            let v = by_ch.entry(ch).or_default();
+            v[0].push(ins);
+            v[1].push(answered - ins);
+            v[2].push(cl - ins);
+            v[3].push(received - cl);
+        }
+        let mut out = Vec::new();
+        for ch in ["email", "push", "in_app"] {
+            let Some(mut v) = by_ch.remove(ch) else { continue };
+            let m: Vec<f64> = v
+                .iter_mut()
+                .map(|s| {
+                    s.sort_by(f64::total_cmp);
+                    percentile(s, 50.0)
+                })
+                .collect();
+            let label = match ch {
+                "email" => "email, split",
+                "push" => "push, split",
+                _ => "in_app, split",
+            };
+            out.push((
+                label,
+                format!(
+                    "POST → insert starts {:.2}; insert → 202 back {:.2}; insert → {} starts {:.2}; → received {:.2} (p50s, ms)",
+                    m[0],
+                    m[1],
+                    if ch == "in_app" { "delivery" } else { "claim" },
+                    m[2],
+                    m[3]
+                ),
+                json!({"post_to_insert": m[0], "insert_to_202": m[1], "insert_to_claim": m[2], "claim_to_received": m[3]}),
+            ));
+        }
+        Ok(out)
     }
 
     /// Seeds `n` deliveries with the workers stopped, then drains them.
