@@ -49,6 +49,35 @@ pub struct Sinks {
     pub hub: crate::hub::Hub,
     /// Other processes' waiters, through Redis.
     pub changes: UserChanges,
+    /// Deletes the push intents of batches whose jobs are in Redis, many
+    /// batches per statement, off the request path.
+    pub confirmations: Batcher<i64, ()>,
+}
+
+impl Sinks {
+    /// Starts the push confirmations (on the current runtime).
+    #[must_use]
+    pub fn new(pool: PgPool, queue: QueueClient, hub: crate::hub::Hub, changes: UserChanges) -> Self {
+        let p = pool.clone();
+        // One statement at a time: a confirmation is never urgent (an
+        // unconfirmed batch only costs the sweeper a duplicate job, after
+        // its grace period), so busy times merge many into one.
+        let confirmations = Batcher::start(MAX_BATCH, 1, move |intents: Vec<i64>| {
+            let p = p.clone();
+            async move {
+                herald_db::notifications::confirm_pushes(&p, &intents).await?;
+                Ok(vec![(); intents.len()])
+            }
+        });
+        Self {
+            pool,
+            queue,
+            redis_down: Arc::default(),
+            hub,
+            changes,
+            confirmations,
+        }
+    }
 }
 
 impl Ingestor {
@@ -59,7 +88,8 @@ impl Ingestor {
             let sinks = sinks.clone();
             async move {
                 let items: Vec<NewNotificationWithDeliveries> = submissions.iter().map(|s| s.item.clone()).collect();
-                let accepted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
+                let inserted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
+                let accepted = inserted.accepted;
                 // Committed: clients waiting for these users may look now.
                 // One event for the whole batch, sent off this path.
                 let users: Vec<String> = items.iter().map(|i| i.notification.user_id.clone()).collect();
@@ -72,7 +102,7 @@ impl Ingestor {
                     .zip(&submissions)
                     .map(|(a, s)| (a, s.priority, s.item.notification.request_id.as_deref()))
                     .collect();
-                enqueue_accepted(&sinks, &jobs).await;
+                enqueue_accepted(&sinks, &jobs, inserted.push_intent).await;
                 Ok(accepted)
             }
         });
@@ -86,10 +116,15 @@ impl Ingestor {
     }
 }
 
-/// Pushes one job per queued delivery, in one pipeline. A failure is not
-/// the callers' problem: the deliveries are committed, and the sweeper
-/// enqueues whatever has no job.
-pub async fn enqueue_accepted(sinks: &Sinks, accepted: &[(&Accepted, Priority, Option<&str>)]) {
+/// Pushes one job per queued delivery, in one pipeline, then confirms the
+/// batch's push intent. A failure is not the callers' problem: the
+/// deliveries are committed, and the sweeper enqueues the deliveries of an
+/// intent left unconfirmed.
+pub async fn enqueue_accepted(
+    sinks: &Sinks,
+    accepted: &[(&Accepted, Priority, Option<&str>)],
+    push_intent: Option<i64>,
+) {
     let jobs: Vec<(QueueName, DeliveryJob)> = accepted
         .iter()
         .flat_map(|(a, priority, request_id)| {
@@ -117,15 +152,16 @@ pub async fn enqueue_accepted(sinks: &Sinks, accepted: &[(&Accepted, Priority, O
             if sinks.redis_down.swap(false, Ordering::Relaxed) {
                 tracing::info!("Redis is reachable again; enqueueing directly");
             }
-            let marks: Vec<(String, i32)> = jobs.iter().map(|(_, j)| (j.delivery_id.to_string(), 0)).collect();
-            let pool = sinks.pool.clone();
-            // Off the request path: if this is lost, the sweeper pushes a
-            // duplicate job, which the claim fence turns into a no-op.
-            tokio::spawn(async move {
-                if let Err(e) = herald_db::notifications::mark_enqueued(&pool, &marks).await {
-                    tracing::debug!(error = %e, "could not mark deliveries enqueued; the sweeper will re-enqueue");
-                }
-            });
+            if let Some(intent) = push_intent {
+                let confirmations = sinks.confirmations.clone();
+                // Off the request path: if this is lost, the sweeper pushes
+                // duplicate jobs, which the claim fence turns into no-ops.
+                tokio::spawn(async move {
+                    if let Err(e) = confirmations.submit(intent).await {
+                        tracing::debug!(error = %e, "could not confirm a batch's push; the sweeper will re-enqueue it");
+                    }
+                });
+            }
         }
         Err(e) => {
             // Once per outage: every request would otherwise say the same.

@@ -40,8 +40,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub queue: QueueClient,
     pub settings: Arc<Settings>,
-    /// Set while enqueueing fails, so an outage is logged once.
-    pub redis_down: Arc<std::sync::atomic::AtomicBool>,
+    /// What the ingest path writes to (shared with the group commit).
+    sinks: ingest::Sinks,
     /// Group commit for accepted notifications.
     pub ingestor: ingest::Ingestor,
     /// API keys authenticated recently (`HERALD_API_KEY_CACHE_SECS`).
@@ -61,14 +61,8 @@ pub struct AppState {
 impl AppState {
     /// What the ingest path writes to.
     #[must_use]
-    pub fn sinks(&self) -> ingest::Sinks {
-        ingest::Sinks {
-            pool: self.pool.clone(),
-            queue: self.queue.clone(),
-            redis_down: Arc::clone(&self.redis_down),
-            hub: self.hub.clone(),
-            changes: self.changes.clone(),
-        }
+    pub fn sinks(&self) -> &ingest::Sinks {
+        &self.sinks
     }
 
     /// Says that `users`' rows changed, after the commit: wakes this
@@ -90,24 +84,18 @@ impl AppState {
         let pool = herald_db::connect_lazy(settings.database_url.expose(), settings.db_max_connections)
             .context("DATABASE_URL")?;
         let queue = QueueClient::new(QueueConfig::from_settings(&settings)).context("REDIS_URL")?;
-        let redis_down = Arc::default();
         let hub = hub::Hub::default();
         let changes = UserChanges::start(queue.clone());
         let stop_subscriber = tokio_util::sync::CancellationToken::new();
         hub.start(queue.clone(), stop_subscriber.clone());
-        let ingestor = ingest::Ingestor::start(ingest::Sinks {
-            pool: pool.clone(),
-            queue: queue.clone(),
-            redis_down: Arc::clone(&redis_down),
-            hub: hub.clone(),
-            changes: changes.clone(),
-        });
+        let sinks = ingest::Sinks::new(pool.clone(), queue.clone(), hub.clone(), changes.clone());
+        let ingestor = ingest::Ingestor::start(sinks.clone());
         Ok(Self {
             pool,
             queue,
             keys: Arc::new(key_cache::KeyCache::new(settings.api_key_cache)),
             settings: Arc::new(settings),
-            redis_down,
+            sinks,
             ingestor,
             hub,
             changes,

@@ -6,7 +6,9 @@
 //!    persistence, `FLUSHALL`, eviction), forgets which deliveries were
 //!    enqueued, so all waiting ones are owed a job again;
 //! 2. moves claims whose lease lapsed to `retrying` (or `dead`);
-//! 3. pushes a job for every delivery owed one (see `herald_db::sweep`).
+//! 3. turns accepted batches whose push the API never confirmed back into
+//!    owed deliveries, and pushes a job for every delivery owed one (see
+//!    `herald_db::sweep`).
 //!
 //! Re-enqueueing is always safe: claims are fenced on the attempt number.
 
@@ -62,10 +64,17 @@ pub async fn sweep_once(pool: &PgPool, queue: &QueueClient) -> anyhow::Result<Pa
                 "reclaimed lapsed claims"
             );
         }
+        if r.unconfirmed_batches > 0 {
+            tracing::warn!(
+                batches = r.unconfirmed_batches,
+                "accepted batches whose push was never confirmed; re-enqueueing their deliveries"
+            );
+        }
         let n = r.owed.len();
         enqueue_owed(pool, queue, &r.owed).await?;
         report.enqueued += n as u64;
-        if (n as i64) < BATCH {
+        let more_unconfirmed = r.unconfirmed_batches as i64 >= herald_db::sweep::UNCONFIRMED_PER_PASS;
+        if (n as i64) < BATCH && !more_unconfirmed {
             herald_db::notifications::expire_idempotency_keys(pool, IDEMPOTENCY_HOURS).await?;
             return Ok(report);
         }

@@ -297,8 +297,9 @@ async fn accept_idempotent(
             ));
         }
     }
-    let accepted = herald_db::notifications::insert_notifications(&mut *tx, std::slice::from_ref(&item))
-        .await?
+    let mut inserted = herald_db::notifications::insert_notifications(&mut *tx, std::slice::from_ref(&item)).await?;
+    let accepted = inserted
+        .accepted
         .pop()
         .ok_or_else(|| ApiError::internal(&"the insert returned no row"))?;
     let body = accepted_body(
@@ -310,7 +311,12 @@ async fn accept_idempotent(
     herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
     tx.commit().await.map_err(herald_db::DbError::from)?;
     let request_id = item.notification.request_id.as_deref();
-    crate::ingest::enqueue_accepted(&state.sinks(), &[(&accepted, priority, request_id)]).await;
+    crate::ingest::enqueue_accepted(
+        state.sinks(),
+        &[(&accepted, priority, request_id)],
+        inserted.push_intent,
+    )
+    .await;
     Ok(Ok(accepted))
 }
 

@@ -38,8 +38,9 @@ pub struct Outcome {
 }
 
 /// The API's writes for `n` notifications of three channels each: the
-/// batched insert (what a 202 waits for), then the enqueued marks, which
-/// the API writes off the request path; the clock stops when both are done.
+/// batched insert (what a 202 waits for), then the confirmation of its push
+/// intent, which the API writes off the request path (merged across
+/// batches); the clock stops when both are done.
 pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow::Result<Outcome> {
     let pool = herald_db::connect_lazy(url, 2 * shape.in_flight as u32)?;
     herald_db::ping(&pool).await?;
@@ -51,7 +52,7 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
     for _ in 0..shape.in_flight {
         let (pool, left, users) = (pool.clone(), left.clone(), users.clone());
         tasks.spawn(async move {
-            let mut marks = tokio::task::JoinSet::new();
+            let mut confirmations = tokio::task::JoinSet::new();
             loop {
                 let batch = shape.batch as u64;
                 let take = left
@@ -65,15 +66,12 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
                 let items: Vec<NewNotificationWithDeliveries> = (0..take)
                     .map(|i| notification(&users[i as usize % users.len()]))
                     .collect();
-                let accepted = insert_notifications(&pool, &items).await?;
-                let ids: Vec<(String, i32)> = accepted
-                    .iter()
-                    .flat_map(|a| a.deliveries.iter().map(|d| (d.id.clone(), 0)))
-                    .collect();
+                let inserted = insert_notifications(&pool, &items).await?;
                 let pool = pool.clone();
-                marks.spawn(async move { herald_db::notifications::mark_enqueued(&pool, &ids).await });
+                let intents: Vec<i64> = inserted.push_intent.into_iter().collect();
+                confirmations.spawn(async move { herald_db::notifications::confirm_pushes(&pool, &intents).await });
             }
-            while let Some(m) = marks.join_next().await {
+            while let Some(m) = confirmations.join_next().await {
                 m??;
             }
             anyhow::Ok(())
@@ -84,12 +82,16 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu::usage(&cpu0, &cpu::snapshot());
-    let queued: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'queued' AND enqueued_at IS NOT NULL")
-            .fetch_one(&pool)
-            .await?;
-    if queued != 3 * n as i64 {
-        bail!("the ingest ceiling wrote {queued} marked deliveries for {n} notifications");
+    let (queued, unconfirmed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM deliveries WHERE status = 'queued' AND enqueued_at IS NOT NULL),
+                (SELECT count(*) FROM push_intents)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    if queued != 3 * n as i64 || unconfirmed != 0 {
+        bail!(
+            "the ingest ceiling wrote {queued} marked deliveries for {n} notifications, {unconfirmed} batches unconfirmed"
+        );
     }
     pool.close().await;
     Ok(Outcome {

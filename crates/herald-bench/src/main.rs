@@ -498,9 +498,11 @@ impl Bench {
 
     /// Empties the tables and the sinks' records between scenarios.
     async fn reset(&mut self) -> anyhow::Result<()> {
-        sqlx::query("TRUNCATE notifications, deliveries, delivery_attempts, inbox_items, idempotency_keys")
-            .execute(&self.db.pool)
-            .await?;
+        sqlx::query(
+            "TRUNCATE notifications, deliveries, delivery_attempts, inbox_items, idempotency_keys, push_intents",
+        )
+        .execute(&self.db.pool)
+        .await?;
         self.receipts.clear();
         Ok(())
     }

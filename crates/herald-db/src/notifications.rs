@@ -57,17 +57,39 @@ pub struct Accepted {
     pub deliveries: Vec<AcceptedDelivery>,
 }
 
+/// What [`insert_notifications`] wrote.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    /// Per notification, in input order.
+    pub accepted: Vec<Accepted>,
+    /// The batch's push intent, when any delivery is queued: once its jobs
+    /// are in Redis, pass it to [`confirm_pushes`]. Left alone, the sweeper
+    /// treats the batch's waiting deliveries as owed a job after its grace
+    /// period (`herald_db::sweep`).
+    pub push_intent: Option<i64>,
+}
+
 /// Writes many notifications and their deliveries in ONE statement (one
 /// round trip, atomic on its own or inside the caller's transaction), so
 /// concurrent requests can share a commit. Whether a user can receive on a
 /// channel (an email address; an active device) is decided in the same
 /// statement, from the same snapshot as the insert.
-pub async fn insert_notifications<'e, E>(executor: E, batch: &[NewNotificationWithDeliveries]) -> Result<Vec<Accepted>>
+///
+/// Queued deliveries are written already marked enqueued, and the batch
+/// gets a push intent (`push_intents`, keyed by the transaction's time,
+/// which is every delivery's `updated_at`): the caller pushes the jobs after
+/// the commit and then confirms the intent. Marking each delivery after the
+/// push instead rewrote every row a second time, which cost Postgres about
+/// as much as the insert.
+pub async fn insert_notifications<'e, E>(executor: E, batch: &[NewNotificationWithDeliveries]) -> Result<Inserted>
 where
     E: sqlx::PgExecutor<'e>,
 {
     if batch.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Inserted {
+            accepted: Vec::new(),
+            push_intent: None,
+        });
     }
     let col = |f: fn(&NewNotification) -> Option<&str>| -> Vec<Option<&str>> {
         batch.iter().map(|b| f(&b.notification)).collect()
@@ -92,15 +114,17 @@ where
         d_max.push(d.max_attempts);
         d_req.push(d.requested);
     }
-    /// One row per notification (`created_at` set) and per delivery.
+    /// One row per notification (`created_at` set), per delivery, and one
+    /// for the push intent (`intent` set).
     #[derive(sqlx::FromRow)]
     struct Row {
-        ntf: String,
+        ntf: Option<String>,
         created_at: Option<DateTime<Utc>>,
         d_id: Option<String>,
         channel: Option<String>,
         status: Option<String>,
         reason: Option<String>,
+        intent: Option<i64>,
     }
     let rows: Vec<Row> = sqlx::query_as(
         "WITH input AS (
@@ -129,16 +153,24 @@ where
                  LEFT JOIN reach r ON r.id = i.user_id
              ), d AS (
                  INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, skip_reason,
-                                         max_attempts, finished_at)
+                                         max_attempts, finished_at, enqueued_at)
                  SELECT id, notification_id, user_id, channel, priority,
                         CASE WHEN reason IS NULL THEN 'queued' ELSE 'skipped' END, reason, max_attempts,
-                        CASE WHEN reason IS NULL THEN NULL ELSE now() END
+                        CASE WHEN reason IS NULL THEN NULL ELSE now() END,
+                        CASE WHEN reason IS NULL THEN now() END
                  FROM wanted WHERE requested OR reason IS NULL
                  RETURNING id, notification_id, channel, status, skip_reason
+             ), intent AS (
+                 INSERT INTO push_intents (batch_at)
+                 SELECT now() WHERE EXISTS (SELECT 1 FROM d WHERE status = 'queued')
+                 RETURNING id
              )
-             SELECT n.id AS ntf, n.created_at, NULL AS d_id, NULL AS channel, NULL AS status, NULL AS reason FROM n
+             SELECT n.id AS ntf, n.created_at, NULL AS d_id, NULL AS channel, NULL AS status, NULL AS reason,
+                    NULL::BIGINT AS intent FROM n
              UNION ALL
-             SELECT d.notification_id, NULL, d.id, d.channel, d.status, d.skip_reason FROM d",
+             SELECT d.notification_id, NULL, d.id, d.channel, d.status, d.skip_reason, NULL FROM d
+             UNION ALL
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, intent.id FROM intent",
     )
     .bind(&ids)
     .bind(&keys)
@@ -168,6 +200,7 @@ where
             deliveries: Vec::new(),
         })
         .collect();
+    let mut push_intent = None;
     for Row {
         ntf,
         created_at,
@@ -175,8 +208,14 @@ where
         channel,
         status,
         reason,
+        intent,
     } in rows
     {
+        if intent.is_some() {
+            push_intent = intent;
+            continue;
+        }
+        let Some(ntf) = ntf else { continue };
         let Some(&i) = index.get(ntf.as_str()) else { continue };
         match (created_at, d_id, channel, status) {
             (Some(at), ..) => out[i].created_at = at,
@@ -195,7 +234,22 @@ where
         acc.deliveries
             .sort_by_key(|d| b.deliveries.iter().position(|w| w.id == d.id));
     }
-    Ok(out)
+    Ok(Inserted {
+        accepted: out,
+        push_intent,
+    })
+}
+
+/// The jobs of these batches are in Redis: their push intents are done.
+pub async fn confirm_pushes(pool: &PgPool, intents: &[i64]) -> Result<()> {
+    if intents.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM push_intents WHERE id = ANY($1)")
+        .bind(intents)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Records that jobs for these `(delivery, attempt)` pairs were pushed to

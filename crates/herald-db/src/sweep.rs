@@ -5,6 +5,14 @@
 //! `updated_at`, or unset): the process crashed between commit and enqueue,
 //! Redis was down, or Redis lost its data (then [`forget_enqueued`] clears
 //! the marks). Re-enqueueing is always safe: claims are fenced.
+//!
+//! Accepted deliveries are the exception: the API's insert marks them
+//! enqueued before their jobs exist, and records the batch as a push intent
+//! (`herald_db::notifications::insert_notifications`) that it deletes once
+//! the jobs are in Redis. An intent older than the grace period was never
+//! confirmed (the API died after the commit, Redis refused the push, or the
+//! confirmation itself failed), so a pass first turns it back into owed
+//! deliveries: the marks of that batch's deliveries still queued are cleared.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -13,6 +21,11 @@ use crate::Result;
 
 /// Only one sweeper acts at a time, across every process.
 const SWEEP_LOCK_KEY: i64 = 0x4845_5241_4c44_0001; // "HERALD" + 1
+
+/// Unconfirmed push intents turned into owed deliveries per pass: each
+/// covers one accepted batch (at most a few hundred deliveries), and the
+/// owed query below takes `limit` of them per pass anyway.
+pub const UNCONFIRMED_PER_PASS: i64 = 64;
 
 /// A job the sweeper must push.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -33,6 +46,9 @@ pub struct SweepResult {
     pub expired_leases: u64,
     pub dead_after_lease: u64,
     pub owed: Vec<OwedJob>,
+    /// Unconfirmed push intents this pass turned into owed deliveries; a
+    /// full page ([`UNCONFIRMED_PER_PASS`]) means more may be waiting.
+    pub unconfirmed_batches: u64,
     /// Users whose deliveries this pass moved (lapsed claims), for live
     /// clients.
     pub changed_users: Vec<String>,
@@ -82,6 +98,27 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    // Batches whose push was never confirmed. Their deliveries still
+    // queued are found by the batch's time through the pending index
+    // (status, updated_at); one that moved on since has its own job or
+    // needs none.
+    let unconfirmed: i64 = sqlx::query_scalar(
+        "WITH i AS (
+             DELETE FROM push_intents WHERE id IN (
+                 SELECT id FROM push_intents WHERE batch_at < now() - make_interval(secs => $1)
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING batch_at
+         ), u AS (
+             UPDATE deliveries d SET enqueued_at = NULL
+             FROM (SELECT DISTINCT batch_at FROM i) b
+             WHERE d.status = 'queued' AND d.updated_at = b.batch_at AND d.enqueued_at IS NOT NULL
+         )
+         SELECT count(*) FROM i",
+    )
+    .bind(grace_secs)
+    .bind(UNCONFIRMED_PER_PASS)
+    .fetch_one(&mut *tx)
+    .await?;
     let owed: Vec<OwedJob> = sqlx::query_as(
         "SELECT d.id, d.attempt, d.channel, d.priority, n.request_id, d.next_attempt_at
          FROM deliveries d JOIN notifications n ON n.id = d.notification_id
@@ -101,6 +138,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
         expired_leases: expired.len() as u64,
         dead_after_lease: expired.iter().filter(|(_, s, _)| s == "dead").count() as u64,
         owed,
+        unconfirmed_batches: unconfirmed as u64,
         changed_users: expired.into_iter().map(|(.., user)| user).collect(),
     })
 }
