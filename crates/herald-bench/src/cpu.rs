@@ -110,3 +110,59 @@ pub fn describe(usage: &[(&str, f64)]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Cores one group used (0 when it is not in `usage`).
+pub fn cores(usage: &[(&str, f64)], name: &str) -> f64 {
+    usage.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, c)| *c)
+}
+
+/// What a target rate asks of this machine, at the costs a scenario
+/// measured: CPU time per unit of work for each process group, the cores
+/// the target would take at that cost, and a floor that Herald cannot
+/// lower: Postgres at the cost of the database ceiling's best batching
+/// (`pg_floor_us`, Herald's own statements with nothing else running) plus
+/// the bench process (load generator and sinks, which stand in for
+/// Herald's clients and providers). A floor above the machine's cores puts
+/// the target out of reach here, however lean Herald's own processes get.
+pub struct Reach {
+    pub text: String,
+    /// Cores the floor needs at the target rate.
+    pub floor_cores: Option<f64>,
+    pub json: serde_json::Value,
+}
+
+pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor_us: Option<f64>) -> Reach {
+    let us = |cores: f64| cores * 1e6 / rate.max(1e-9);
+    let mut parts = Vec::new();
+    let mut total = 0.0;
+    let mut by_group = serde_json::Map::new();
+    for (name, c) in usage {
+        if matches!(*name, "idle" | "other") || *c < 0.005 {
+            continue;
+        }
+        total += us(*c);
+        parts.push(format!("{name} {:.0}", us(*c)));
+        by_group.insert((*name).to_owned(), serde_json::json!(us(*c)));
+    }
+    let machine = std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64;
+    let bench_us = us(cores(usage, "bench"));
+    let floor_us = pg_floor_us.map(|pg| pg + bench_us);
+    let floor_cores = floor_us.map(|f| f * target / 1e6);
+    let mut text = format!(
+        "{} µs per {unit} ({total:.0} in all); {target:.0}/s at this cost takes {:.2} cores of {machine:.0}",
+        parts.join(", "),
+        total * target / 1e6
+    );
+    if let (Some(pg), Some(cores)) = (pg_floor_us, floor_cores) {
+        text.push_str(&format!(
+            "; floor {cores:.2} cores (Postgres at its ceiling's cost {pg:.0} µs + load generator and sinks {bench_us:.0} µs)"
+        ));
+    }
+    Reach {
+        text,
+        floor_cores,
+        json: serde_json::json!({"cpu_us_per_unit": by_group, "total_us": total, "target": target,
+                                 "cores_at_target": total * target / 1e6, "floor_us": floor_us,
+                                 "floor_cores_at_target": floor_cores, "machine_cores": machine}),
+    }
+}
