@@ -84,13 +84,14 @@ pub async fn run_worker(
     ));
     let backend = RedisBackend::new(queue_cfg, QueueName::for_channel(channel).to_vec(), worker_id.clone())
         .context("REDIS_URL")?;
-    tracing::info!(%worker_id, channel = %channel, concurrency = settings.worker_concurrency, "worker started");
+    let concurrency = settings.concurrency_for(channel.as_str());
+    tracing::info!(%worker_id, channel = %channel, concurrency, "worker started");
     WorkerBuilder::new(worker_id.to_string())
         .backend(backend)
         // Panics are caught by the queue backend's own layer, which hands
         // the job back (apalis's catch_panic layer is not Send-general
         // enough to run inside a spawned task).
-        .concurrency(settings.worker_concurrency)
+        .concurrency(concurrency)
         // A hung job (a stuck query) must not hold its lease forever: the
         // queue's heartbeat extends leases while the process lives.
         .timeout(settings.send_timeout + settings.lease)

@@ -720,11 +720,12 @@ impl Bench {
             batch: (self.args.connections / 2).max(1),
             in_flight: 2,
         };
-        // The workers: 64 deliveries each at once (HERALD_WORKER_CONCURRENCY),
-        // claims and results two at once (workers/src/deliver.rs).
+        // The workers: the email worker's 64 deliveries at once (push and
+        // in-app take 256; HERALD_WORKER_CONCURRENCY), one claim and one
+        // result statement at a time (workers/src/deliver.rs).
         let workers = ceiling::Shape {
-            batch: 32,
-            in_flight: 2,
+            batch: 64,
+            in_flight: 1,
         };
         let big = ceiling::Shape {
             batch: 256,

