@@ -22,9 +22,9 @@ use crate::Result;
 /// Only one sweeper acts at a time, across every process.
 const SWEEP_LOCK_KEY: i64 = 0x4845_5241_4c44_0001; // "HERALD" + 1
 
-/// Unconfirmed push intents turned into owed deliveries per pass: each
-/// covers one accepted batch (at most a few hundred deliveries), and the
-/// owed query below takes `limit` of them per pass anyway.
+/// Unconfirmed push intents turned into owed deliveries per pass. Each
+/// covers one accepted batch (at most 256 notifications, three deliveries
+/// each); after a long Redis outage the sweeper loops until none is left.
 pub const UNCONFIRMED_PER_PASS: i64 = 64;
 
 /// A job the sweeper must push.
