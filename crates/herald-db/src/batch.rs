@@ -5,19 +5,27 @@
 //! claiming deliveries, recording attempts) hand their item to a
 //! [`Batcher`] and wait. A collector takes whatever items are waiting, up to
 //! a maximum, runs ONE statement for all of them and answers each caller
-//! with its own result. Nothing waits on purpose: a lone item runs at once
-//! as a batch of one; items that arrive while a batch runs form the next.
-//! A caller is answered only after its batch's statement returned, so
-//! "committed" means the same as without batching.
+//! with its own result. An idle batcher never waits: a lone item runs at
+//! once as a batch of one; items that arrive while a batch runs form the
+//! next. Where several batches may run at once, a new one starts beside a
+//! running one only with [`MIN_BESIDE_ANOTHER`] items; fewer wait for a
+//! running batch to finish (never on a timer). A caller is answered only
+//! after its batch's statement returned, so "committed" means the same as
+//! without batching.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use crate::DbError;
 
 type Reply<O> = oneshot::Sender<Result<O, Arc<DbError>>>;
+
+/// Fewest items a batch starts with while another batch is running.
+/// Measured on the API's ingest at 64 connections (interleaved runs):
+/// 7,159–7,721/s without, 7,631–9,258/s with 8; 16 was no better.
+pub const MIN_BESIDE_ANOTHER: usize = 8;
 
 /// A handle to submit items to one batched statement. Cheap to clone.
 pub struct Batcher<I, O> {
@@ -65,6 +73,8 @@ async fn collect<I, O, F, Fut>(
     Fut: Future<Output = Result<Vec<O>, DbError>> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max_in_flight));
+    // Told whenever a batch finishes.
+    let finished = Arc::new(Notify::new());
     while let Some(first) = rx.recv().await {
         // Waiting for a free slot before gathering lets items pile up
         // meanwhile: busy means big batches, idle means no delay.
@@ -72,13 +82,34 @@ async fn collect<I, O, F, Fut>(
             return;
         };
         let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        drain_waiting(&mut rx, &mut batch, max_batch);
+        // A small batch does not start beside a running one: it waits for
+        // that one to finish or for enough company. Without this the
+        // answers of one big batch, whose callers come back in a burst,
+        // let the burst's first arrival take the free slot alone (measured
+        // on the API at 64 connections: 41% of batches held one request).
+        // Nothing waits on a timer, and an idle batcher never waits.
+        loop {
+            let notified = finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let others_running = permits.available_permits() + 1 < max_in_flight;
+            if batch.len() >= MIN_BESIDE_ANOTHER.min(max_batch) || !others_running {
+                break;
+            }
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(next) => {
+                        batch.push(next);
+                        drain_waiting(&mut rx, &mut batch, max_batch);
+                    }
+                    None => break,
+                },
+                () = &mut notified => break,
             }
         }
         let run = Arc::clone(&run);
+        let finished = Arc::clone(&finished);
         tokio::spawn(async move {
             let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.into_iter().unzip();
             let expected = items.len();
@@ -105,7 +136,18 @@ async fn collect<I, O, F, Fut>(
                 }
             }
             drop(permit);
+            finished.notify_waiters();
         });
+    }
+}
+
+/// Moves items already waiting into `batch`, up to `max_batch`.
+fn drain_waiting<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
     }
 }
 
@@ -137,6 +179,95 @@ mod tests {
         let sizes = calls.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 50);
         assert!(sizes.len() < 50, "items should have shared batches: {sizes:?}");
+    }
+
+    type Log = Arc<std::sync::Mutex<Vec<(usize, u128, u128)>>>;
+
+    /// A batcher whose statement takes `ms` and records (size, started,
+    /// finished) of every batch, relative to `t0`; and how many started.
+    fn timed(ms: u64, max_in_flight: usize) -> (Batcher<u32, u32>, Log, Arc<std::sync::atomic::AtomicUsize>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&log);
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&starts);
+        let t0 = std::time::Instant::now();
+        let batcher = Batcher::start(256, max_in_flight, move |items: Vec<u32>| {
+            let seen = Arc::clone(&seen);
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let started = t0.elapsed().as_millis();
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                seen.lock()
+                    .unwrap()
+                    .push((items.len(), started, t0.elapsed().as_millis()));
+                Ok(items)
+            }
+        });
+        (batcher, log, starts)
+    }
+
+    /// Waits until `n` batches have started.
+    async fn started(starts: &std::sync::atomic::AtomicUsize, n: usize) {
+        while starts.load(std::sync::atomic::Ordering::SeqCst) < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    fn submit_all(b: &Batcher<u32, u32>, n: u32) -> Vec<tokio::task::JoinHandle<u32>> {
+        (0..n)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.submit(i).await.unwrap() })
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_few_items_wait_for_the_running_batch_instead_of_starting_beside_it() {
+        let (batcher, log, starts) = timed(100, 2);
+        let first = submit_all(&batcher, 1);
+        started(&starts, 1).await;
+        // Fewer than MIN_BESIDE_ANOTHER arrive while the first batch runs.
+        let rest = submit_all(&batcher, 3);
+        for h in first.into_iter().chain(rest) {
+            h.await.unwrap();
+        }
+        let log = log.lock().unwrap().clone();
+        let sizes: Vec<usize> = log.iter().map(|(n, ..)| *n).collect();
+        assert_eq!(sizes, vec![1, 3], "{log:?}");
+        assert!(
+            log[1].1 >= log[0].2,
+            "the second batch started only after the first ended: {log:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enough_items_start_a_batch_beside_the_running_one() {
+        let (batcher, log, starts) = timed(200, 2);
+        let first = submit_all(&batcher, 1);
+        started(&starts, 1).await;
+        let rest = submit_all(&batcher, 2 * MIN_BESIDE_ANOTHER as u32);
+        for h in first.into_iter().chain(rest) {
+            h.await.unwrap();
+        }
+        let log = log.lock().unwrap().clone();
+        assert!(log.len() >= 2, "{log:?}");
+        let (first_started, first_ended) = (log.iter().map(|l| l.1).min().unwrap(), log[0].2);
+        let second_started = log.iter().map(|l| l.1).filter(|s| *s > first_started).min().unwrap();
+        assert!(
+            second_started < first_ended,
+            "the second batch ran beside the first: {log:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_item_on_an_idle_batcher_runs_at_once() {
+        let (batcher, log, _) = timed(10, 2);
+        let t = std::time::Instant::now();
+        assert_eq!(batcher.submit(7).await.unwrap(), 7);
+        assert!(t.elapsed() < std::time::Duration::from_millis(200), "{:?}", t.elapsed());
+        assert_eq!(log.lock().unwrap()[0].0, 1);
     }
 
     #[tokio::test]

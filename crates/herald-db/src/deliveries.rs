@@ -223,7 +223,7 @@ pub enum NextState {
     },
     /// A new attempt this long from now (by the database's clock, like
     /// every other timestamp); the caller enqueues its job for
-    /// [`Recorded::next_attempt_at`] after this commits.
+    /// `Recorded::Moved { next_attempt_at }` after this commits.
     Retrying {
         after: std::time::Duration,
     },
