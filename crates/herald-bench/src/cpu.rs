@@ -126,9 +126,16 @@ pub fn cores(usage: &[(&str, f64)], name: &str) -> f64 {
 /// the target out of reach here, however lean Herald's own processes get.
 pub struct Reach {
     pub text: String,
+    /// The floor per unit of work, µs.
+    pub floor_us: Option<f64>,
     /// Cores the floor needs at the target rate.
     pub floor_cores: Option<f64>,
     pub json: serde_json::Value,
+}
+
+/// Cores of this machine (2 when it cannot be read).
+pub fn machine_cores() -> f64 {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64
 }
 
 pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor_us: Option<f64>) -> Reach {
@@ -144,7 +151,7 @@ pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor
         parts.push(format!("{name} {:.0}", us(*c)));
         by_group.insert((*name).to_owned(), serde_json::json!(us(*c)));
     }
-    let machine = std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64;
+    let machine = machine_cores();
     let bench_us = us(cores(usage, "bench"));
     let floor_us = pg_floor_us.map(|pg| pg + bench_us);
     let floor_cores = floor_us.map(|f| f * target / 1e6);
@@ -160,6 +167,7 @@ pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor
     }
     Reach {
         text,
+        floor_us,
         floor_cores,
         json: serde_json::json!({"cpu_us_per_unit": by_group, "total_us": total, "target": target,
                                  "cores_at_target": total * target / 1e6, "floor_us": floor_us,

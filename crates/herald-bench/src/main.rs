@@ -247,7 +247,7 @@ fn print_table(title: &str, rows: &[(&str, String)]) {
 /// How a missed rate target reads when even its floor (`cpu::reach`)
 /// needs more cores than the machine has.
 fn out_of_reach(floor_cores: Option<f64>) -> String {
-    let machine = std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64;
+    let machine = cpu::machine_cores();
     match floor_cores {
         Some(f) if f > machine => format!("; floor {f:.2} cores > {machine:.0}: out of reach here"),
         _ => String::new(),
@@ -858,7 +858,7 @@ impl Bench {
         rows.push(("CPU, cores", cpu::describe(&cpu)));
         let reach = cpu::reach(&cpu, rps, "notification", 10_000.0, self.pg_floor_ingest_us);
         rows.push(("CPU per notification", reach.text.clone()));
-        self.floor_ingest_us = reach.json["floor_us"].as_f64();
+        self.floor_ingest_us = reach.floor_us;
         print_table("1. Ingest (workers stopped)", &rows);
         let per_delivery_redis = (redis_after - redis_before) as f64 / queued.max(1) as f64;
         let per_delivery_exact = queue_bytes as f64 / jobs.max(1) as f64;
@@ -926,7 +926,7 @@ impl Bench {
             .fetch_one(&self.db.pool)
             .await?;
         let reach = cpu::reach(&cpu, rate, "delivery", 20_000.0, self.pg_floor_drain_us);
-        self.floor_drain_us = reach.json["floor_us"].as_f64();
+        self.floor_drain_us = reach.floor_us;
         print_table(
             "2. Drain (the ingest backlog, workers started)",
             &[
