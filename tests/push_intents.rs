@@ -41,7 +41,14 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_committed_but_never_pushed_is_delivered_by_the_sweeper() {
-    let app = TestApp::spawn_with(Parts::all(), |_| {}).await;
+    // The workers start only after the batch is written: a sweeper's first
+    // pass on a Redis without its epoch marker re-enqueues every waiting
+    // delivery on purpose (Redis lost its data), which would deliver this
+    // batch without the intent ever being looked at (and, racing the
+    // insert, clear its marks before the checks below).
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
+    let queue = QueueClient::new(QueueConfig::from_settings(&app.settings)).expect("queue client");
+    queue.check_epoch().await.expect("set the epoch marker");
     // What an API process leaves behind when it dies right after the
     // commit: the rows, marked enqueued, with the batch's intent, and no job.
     let batch: Vec<_> = (0..25).map(|i| in_app_notification(&format!("u_{i}"))).collect();
@@ -61,6 +68,11 @@ async fn a_batch_committed_but_never_pushed_is_delivered_by_the_sweeper() {
         25,
         "accepted deliveries are written marked enqueued"
     );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers = {
+        let (settings, stop) = (app.settings.clone(), stop.clone());
+        tokio::spawn(async move { herald_workers::run(settings, &[Channel::InApp], stop).await })
+    };
     // After the grace period (2 s) a sweep pass (every second in tests)
     // turns the intent back into owed deliveries and pushes their jobs.
     let delivered = app
@@ -73,6 +85,8 @@ async fn a_batch_committed_but_never_pushed_is_delivered_by_the_sweeper() {
         25,
         "one attempt each"
     );
+    stop.cancel();
+    workers.await.expect("workers task").expect("workers ran");
     app.stop().await;
 }
 
