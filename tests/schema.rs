@@ -82,3 +82,22 @@ async fn deleting_notifications_deletes_their_deliveries_and_attempts_only() {
     );
     db.drop_db().await;
 }
+
+/// A rolling deploy: a newer release migrated the database, and a process
+/// of the previous release (a worker not yet replaced) restarts. It starts
+/// instead of refusing the migration it does not know.
+#[tokio::test]
+async fn a_process_of_the_previous_release_starts_on_a_database_a_newer_one_migrated() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    herald_db::migrate(&db.pool)
+        .await
+        .expect("migrations a newer release applied do not stop an older process");
+    db.drop_db().await;
+}

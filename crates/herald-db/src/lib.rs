@@ -173,7 +173,14 @@ pub async fn create_database_if_missing(url: &str) -> Result<()> {
 /// Applies pending migrations. Safe to call from every process at start-up:
 /// sqlx serialises concurrent runs with an advisory lock.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    MIGRATOR.run(pool).await?;
+    // Every process migrates at start-up, so during a rolling deploy an
+    // older binary (a worker not yet replaced) restarts against a database
+    // a newer one already migrated. It must start, not crash-loop on
+    // migrations it does not know: Herald's migrations keep the previous
+    // release's statements working (expand first, remove a release later).
+    let mut migrator = sqlx::migrate!("../../migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await?;
     Ok(())
 }
 
