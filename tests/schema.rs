@@ -1,6 +1,6 @@
 //! What the schema itself keeps true, whatever statement touches it.
 
-use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, record_attempt};
+use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, deliver_in_app, record_attempt};
 use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries, insert_notifications};
 use herald_testkit::TestDb;
 
@@ -33,39 +33,64 @@ async fn count(db: &TestDb, sql: &str, id: &str) -> i64 {
     sqlx::query_scalar(sql).bind(id).fetch_one(&db.pool).await.unwrap()
 }
 
+/// A notification's deliveries, their attempts, and its inbox items.
+async fn rows_of(db: &TestDb, id: &str) -> (i64, i64, i64) {
+    (
+        count(db, DELIVERIES, id).await,
+        count(db, ATTEMPTS, id).await,
+        count(db, INBOX, id).await,
+    )
+}
+
 const DELIVERIES: &str = "SELECT count(*) FROM deliveries WHERE notification_id = $1";
 const ATTEMPTS: &str = "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
                         WHERE d.notification_id = $1";
-const ALL_ATTEMPTS: &str = "SELECT count(*) FROM delivery_attempts WHERE delivery_id LIKE $1";
+const INBOX: &str = "SELECT count(*) FROM inbox_items WHERE notification_id = $1";
 
-/// Deliveries have no foreign key to their notification (the insert-time
-/// check cost a fifth of Postgres's work per notification and could never
-/// fail); a trigger keeps the cascade on delete.
+/// Attempts whose delivery is gone: what a missing cascade leaves behind.
+async fn orphan_attempts(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE delivery_id NOT IN (SELECT id FROM deliveries)")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Deliveries, attempts and inbox items have no foreign keys (the
+/// insert-time checks cost Postgres a fifth of its work per notification
+/// and could never fail); triggers keep the cascades on delete.
 #[tokio::test]
-async fn deleting_notifications_deletes_their_deliveries_and_attempts_only() {
+async fn deleting_a_notification_deletes_its_deliveries_attempts_and_inbox_item_only() {
     let db = TestDb::new().await;
+    sqlx::query("INSERT INTO users (id, email) VALUES ('u_1', 'ada@example.com')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let (gone, kept) = (notification(&["email", "push", "in_app"]), notification(&["in_app"]));
     insert_notifications(&db.pool, &[gone.clone(), kept.clone()])
         .await
         .unwrap();
-    // An attempt on each, so the attempts' own cascade is exercised too.
-    for d in [&gone.deliveries[2], &kept.deliveries[0]] {
-        let claim = claim_delivery(&db.pool, &d.id, 0, 30.0, "w1").await.unwrap();
-        assert!(claim.is_some(), "claims the fresh delivery");
-        let result = AttemptResult {
-            delivery_id: d.id.clone(),
-            attempt: 1,
-            next: NextState::Delivered,
-            outcome: "delivered",
-            provider_status: None,
-            error: None,
-            detail: None,
-        };
-        record_attempt(&db.pool, &result).await.unwrap();
-    }
+    // An email attempt (claimed, then recorded) on the one, an in-app
+    // delivery (attempt and inbox item) on each.
+    let email = &gone.deliveries[0].id;
+    assert!(claim_delivery(&db.pool, email, 0, 30.0, "w1").await.unwrap().is_some());
+    let result = AttemptResult {
+        delivery_id: email.clone(),
+        attempt: 1,
+        next: NextState::Sent,
+        outcome: "sent",
+        provider_status: None,
+        error: None,
+        detail: None,
+    };
+    record_attempt(&db.pool, &result).await.unwrap();
+    let in_app = [(gone.deliveries[2].id.clone(), 0), (kept.deliveries[0].id.clone(), 0)];
+    let delivered = deliver_in_app(&db.pool, &in_app, "w1").await.unwrap();
+    assert!(
+        delivered.iter().all(Option::is_some),
+        "both in-app deliveries delivered"
+    );
     let (g, k) = (gone.notification.id.as_str(), kept.notification.id.as_str());
-    assert_eq!((count(&db, DELIVERIES, g).await, count(&db, ATTEMPTS, g).await), (3, 1));
-    assert_eq!(count(&db, ALL_ATTEMPTS, "%").await, 2);
+    assert_eq!(rows_of(&db, g).await, (3, 2, 1), "deliveries, attempts, inbox item");
 
     sqlx::query("DELETE FROM notifications WHERE id = $1")
         .bind(g)
@@ -73,13 +98,9 @@ async fn deleting_notifications_deletes_their_deliveries_and_attempts_only() {
         .await
         .unwrap();
 
-    assert_eq!(count(&db, DELIVERIES, g).await, 0, "the deliveries went with it");
-    assert_eq!(count(&db, ALL_ATTEMPTS, "%").await, 1, "and their attempts");
-    assert_eq!(
-        (count(&db, DELIVERIES, k).await, count(&db, ATTEMPTS, k).await),
-        (1, 1),
-        "another notification's are untouched"
-    );
+    assert_eq!(rows_of(&db, g).await, (0, 0, 0), "they went with it");
+    assert_eq!(orphan_attempts(&db).await, 0, "no attempt was left behind");
+    assert_eq!(rows_of(&db, k).await, (1, 1, 1), "another notification's are untouched");
     db.drop_db().await;
 }
 
