@@ -114,17 +114,17 @@ where
         d_max.push(d.max_attempts);
         d_req.push(d.requested);
     }
-    /// One row per notification (`created_at` set), per delivery, and one
-    /// for the push intent (`intent` set).
+    /// One row for the batch (`created_at`, `intent`), then one per
+    /// delivery that is not simply queued: recorded `skipped` (with its
+    /// reason), or `dropped` (not requested, and the user cannot receive on
+    /// that channel). Every other delivery is queued, so it costs no row.
     #[derive(sqlx::FromRow)]
     struct Row {
-        ntf: Option<String>,
         created_at: Option<DateTime<Utc>>,
-        d_id: Option<String>,
-        channel: Option<String>,
-        status: Option<String>,
-        reason: Option<String>,
         intent: Option<i64>,
+        d_id: Option<String>,
+        reason: Option<String>,
+        dropped: bool,
     }
     let rows: Vec<Row> = sqlx::query_as(
         "WITH input AS (
@@ -134,7 +134,6 @@ where
              ), n AS (
                  INSERT INTO notifications (id, api_key_id, user_id, category, priority, title, body, data, request_id)
                  SELECT id, api_key_id, user_id, category, priority, title, body, data, request_id FROM input
-                 RETURNING id, created_at
              ), reach AS (
                  SELECT u.id, u.email IS NOT NULL AS has_email,
                         EXISTS (SELECT 1 FROM devices v WHERE v.user_id = u.id AND v.disabled_at IS NULL) AS has_device
@@ -159,18 +158,18 @@ where
                         CASE WHEN reason IS NULL THEN NULL ELSE now() END,
                         CASE WHEN reason IS NULL THEN now() END
                  FROM wanted WHERE requested OR reason IS NULL
-                 RETURNING id, notification_id, channel, status, skip_reason
+                 RETURNING id, status, skip_reason
              ), intent AS (
                  INSERT INTO push_intents (batch_at)
                  SELECT now() WHERE EXISTS (SELECT 1 FROM d WHERE status = 'queued')
                  RETURNING id
              )
-             SELECT n.id AS ntf, n.created_at, NULL AS d_id, NULL AS channel, NULL AS status, NULL AS reason,
-                    NULL::BIGINT AS intent FROM n
+             SELECT now() AS created_at, (SELECT id FROM intent) AS intent, NULL::TEXT AS d_id,
+                    NULL::TEXT AS reason, false AS dropped
              UNION ALL
-             SELECT d.notification_id, NULL, d.id, d.channel, d.status, d.skip_reason, NULL FROM d
+             SELECT NULL, NULL, d.id, d.skip_reason, false FROM d WHERE d.status = 'skipped'
              UNION ALL
-             SELECT NULL, NULL, NULL, NULL, NULL, NULL, intent.id FROM intent",
+             SELECT NULL, NULL, w.id, NULL, true FROM wanted w WHERE NOT (w.requested OR w.reason IS NULL)",
     )
     .bind(&ids)
     .bind(&keys)
@@ -188,56 +187,65 @@ where
     .bind(&d_req)
     .fetch_all(executor)
     .await?;
-    let index: std::collections::HashMap<&str, usize> = batch
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (b.notification.id.as_str(), i))
-        .collect();
-    let mut out: Vec<Accepted> = batch
-        .iter()
-        .map(|_| Accepted {
-            created_at: DateTime::<Utc>::MIN_UTC,
-            deliveries: Vec::new(),
-        })
-        .collect();
+    // Every notification's `created_at` is the transaction's `now()`.
+    let mut created_at = DateTime::<Utc>::MIN_UTC;
     let mut push_intent = None;
-    for Row {
-        ntf,
-        created_at,
-        d_id,
-        channel,
-        status,
-        reason,
-        intent,
-    } in rows
-    {
-        if intent.is_some() {
-            push_intent = intent;
-            continue;
-        }
-        let Some(ntf) = ntf else { continue };
-        let Some(&i) = index.get(ntf.as_str()) else { continue };
-        match (created_at, d_id, channel, status) {
-            (Some(at), ..) => out[i].created_at = at,
-            (None, Some(id), Some(channel), Some(status)) => out[i].deliveries.push(AcceptedDelivery {
-                id,
-                notification_id: ntf,
-                channel,
-                status,
-                skip_reason: reason,
-            }),
+    let mut not_queued: std::collections::HashMap<String, Option<String>> = std::collections::HashMap::new();
+    for row in rows {
+        match row {
+            Row {
+                created_at: Some(at),
+                intent,
+                ..
+            } => {
+                created_at = at;
+                push_intent = intent;
+            }
+            Row {
+                d_id: Some(id),
+                reason,
+                dropped,
+                ..
+            } => {
+                // A dropped delivery has no row, and no reason either.
+                not_queued.insert(
+                    id,
+                    if dropped {
+                        None
+                    } else {
+                        Some(reason.unwrap_or_default())
+                    },
+                );
+            }
             _ => {}
         }
     }
-    // Channel order as the caller listed them.
-    for (acc, b) in out.iter_mut().zip(batch) {
-        acc.deliveries
-            .sort_by_key(|d| b.deliveries.iter().position(|w| w.id == d.id));
-    }
-    Ok(Inserted {
-        accepted: out,
-        push_intent,
-    })
+    // In the caller's channel order.
+    let accepted = batch
+        .iter()
+        .map(|b| Accepted {
+            created_at,
+            deliveries: b
+                .deliveries
+                .iter()
+                .filter_map(|d| {
+                    let (status, skip_reason) = match not_queued.remove(&d.id) {
+                        None => ("queued", None),
+                        Some(Some(reason)) => ("skipped", Some(reason)),
+                        Some(None) => return None,
+                    };
+                    Some(AcceptedDelivery {
+                        id: d.id.clone(),
+                        notification_id: b.notification.id.clone(),
+                        channel: d.channel.to_owned(),
+                        status: status.to_owned(),
+                        skip_reason,
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Inserted { accepted, push_intent })
 }
 
 /// The jobs of these batches are in Redis: their push intents are done.
