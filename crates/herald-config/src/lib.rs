@@ -315,10 +315,10 @@ impl Settings {
             api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
             sse_heartbeat: Duration::from_secs(src.parse_in("HERALD_SSE_HEARTBEAT_SECS", 1..=300)?),
             log_format,
-            worker_concurrency: match src.get("HERALD_WORKER_CONCURRENCY") {
-                Some(_) => Some(src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?),
-                None => None,
-            },
+            worker_concurrency: src
+                .get("HERALD_WORKER_CONCURRENCY")
+                .map(|_| src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000))
+                .transpose()?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
             fetch_batch: src.parse_in("HERALD_FETCH_BATCH", 1..=1000)?,
             max_attempts: src.parse_in("HERALD_MAX_ATTEMPTS", 1..=100)?,
