@@ -26,6 +26,10 @@ pub const MAX_BATCH: usize = 256;
 /// Batches written at the same time (each holds one connection).
 pub const MAX_IN_FLIGHT: usize = 2;
 
+/// Connections of the group commit's own pool: one per batch in flight,
+/// and one for the push confirmations.
+pub const INGEST_CONNECTIONS: u32 = MAX_IN_FLIGHT as u32 + 1;
+
 /// What a request hands over: the rows to write, and what its jobs need.
 pub struct Submission {
     pub item: NewNotificationWithDeliveries,
@@ -41,6 +45,8 @@ pub struct Ingestor {
 /// What the ingest path writes to.
 #[derive(Clone)]
 pub struct Sinks {
+    /// The group commit's own connections ([`INGEST_CONNECTIONS`]), which
+    /// plan the accept statement once (`herald_db::connect_lazy_planned_once`).
     pub pool: PgPool,
     pub queue: QueueClient,
     /// Set while enqueueing fails, so an outage is logged once.

@@ -88,7 +88,10 @@ impl AppState {
         let changes = UserChanges::start(queue.clone());
         let stop_subscriber = tokio_util::sync::CancellationToken::new();
         hub.start(queue.clone(), stop_subscriber.clone());
-        let sinks = ingest::Sinks::new(pool.clone(), queue.clone(), hub.clone(), changes.clone());
+        let ingest_pool =
+            herald_db::connect_lazy_planned_once(settings.database_url.expose(), ingest::INGEST_CONNECTIONS)
+                .context("DATABASE_URL")?;
+        let sinks = ingest::Sinks::new(ingest_pool, queue.clone(), hub.clone(), changes.clone());
         let ingestor = ingest::Ingestor::start(sinks.clone());
         Ok(Self {
             pool,

@@ -42,7 +42,7 @@ pub struct Outcome {
 /// intent, which the API writes off the request path (merged across
 /// batches); the clock stops when both are done.
 pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow::Result<Outcome> {
-    let pool = herald_db::connect_lazy(url, 2 * shape.in_flight as u32)?;
+    let pool = herald_db::connect_lazy_planned_once(url, 2 * shape.in_flight as u32)?;
     herald_db::ping(&pool).await?;
     let left = Arc::new(AtomicU64::new(n));
     let users: Arc<[String]> = users.into();
