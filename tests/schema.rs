@@ -104,6 +104,51 @@ async fn deleting_a_notification_deletes_its_deliveries_attempts_and_inbox_item_
     db.drop_db().await;
 }
 
+/// Notifications keep no foreign key to their API key (every accepted row
+/// checked it, locking the key's row); deleting a key by hand still clears
+/// it from its notifications, as `ON DELETE SET NULL` did, and from no
+/// other key's.
+#[tokio::test]
+async fn deleting_an_api_key_clears_it_from_its_notifications_only() {
+    let db = TestDb::new().await;
+    let mut keys = Vec::new();
+    for name in ["gone", "kept"] {
+        let (key, _secret) = herald_db::api_keys::create_api_key(&db.pool, name, &["send".to_owned()])
+            .await
+            .unwrap();
+        keys.push(key.id);
+    }
+    let mut ids = Vec::new();
+    for key in &keys {
+        let mut n = notification(&["in_app"]);
+        n.notification.api_key_id = Some(key.clone());
+        insert_notifications(&db.pool, std::slice::from_ref(&n)).await.unwrap();
+        ids.push(n.notification.id);
+    }
+    sqlx::query("DELETE FROM api_keys WHERE id = $1")
+        .bind(&keys[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let key_of = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT api_key_id FROM notifications WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(key_of(ids[0].clone()).await, None, "the deleted key is cleared");
+    assert_eq!(
+        key_of(ids[1].clone()).await.as_ref(),
+        Some(&keys[1]),
+        "the other key stays"
+    );
+    db.drop_db().await;
+}
+
 /// A rolling deploy: a newer release migrated the database, and a process
 /// of the previous release (a worker not yet replaced) restarts. It starts
 /// instead of refusing the migration it does not know.
