@@ -2,36 +2,20 @@
 //! API's group commit runs it: on a pool that plans it once, for batches of
 //! any size and tables of any size.
 
-use herald_db::notifications::{
-    ACCEPT_SQL, NewDelivery, NewNotification, NewNotificationWithDeliveries, insert_notifications,
-};
+use herald_db::notifications::{ACCEPT_SQL, NewNotificationWithDeliveries, insert_notifications};
 use herald_testkit::TestDb;
 
 const CHANNELS: [&str; 3] = ["email", "push", "in_app"];
 
+/// In-app is always kept; email and push are named by the caller or not.
 fn notification(user: &str, requested: bool) -> NewNotificationWithDeliveries {
-    NewNotificationWithDeliveries {
-        notification: NewNotification {
-            id: herald_core::NotificationId::generate().to_string(),
-            api_key_id: None,
-            user_id: user.into(),
-            category: "general".into(),
-            priority: "high",
-            title: "t".into(),
-            body: "b".into(),
-            data: serde_json::json!({"k": user}),
-            request_id: None,
-        },
-        deliveries: CHANNELS
-            .iter()
-            .map(|&channel| NewDelivery {
-                id: herald_core::DeliveryId::generate().to_string(),
-                channel,
-                max_attempts: 3,
-                requested: requested || channel == "in_app",
-            })
-            .collect(),
+    let mut n = herald_testkit::seed::notification(user, &CHANNELS);
+    n.notification.priority = "high";
+    n.notification.data = serde_json::json!({"k": user});
+    for d in &mut n.deliveries {
+        d.requested = requested || d.channel == "in_app";
     }
+    n
 }
 
 /// What each kind of recipient gets on email and push: `Some(reason)` for a

@@ -12,26 +12,8 @@ async fn one_queued_delivery(db: &TestDb) -> String {
 }
 
 async fn one_queued_delivery_on(db: &TestDb, channel: &'static str, user: &str) -> String {
-    let dlv = herald_core::DeliveryId::generate().to_string();
-    let item = herald_db::notifications::NewNotificationWithDeliveries {
-        notification: herald_db::notifications::NewNotification {
-            id: herald_core::NotificationId::generate().to_string(),
-            api_key_id: None,
-            user_id: user.into(),
-            category: "general".into(),
-            priority: "normal",
-            title: "t".into(),
-            body: "b".into(),
-            data: serde_json::json!({}),
-            request_id: None,
-        },
-        deliveries: vec![herald_db::notifications::NewDelivery {
-            id: dlv.clone(),
-            channel,
-            max_attempts: 3,
-            requested: true,
-        }],
-    };
+    let item = herald_testkit::seed::notification(user, &[channel]);
+    let dlv = item.deliveries[0].id.clone();
     herald_db::notifications::insert_notifications(&db.pool, &[item])
         .await
         .unwrap();

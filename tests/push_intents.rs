@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use herald_core::{Channel, Priority};
-use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries};
+use herald_db::notifications::NewNotificationWithDeliveries;
 use herald_queue::{QueueClient, QueueConfig, QueueName};
 use herald_testkit::{Parts, TestApp};
 use serde_json::json;
@@ -14,25 +14,7 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn in_app_notification(user: &str) -> NewNotificationWithDeliveries {
-    NewNotificationWithDeliveries {
-        notification: NewNotification {
-            id: herald_core::NotificationId::generate().to_string(),
-            api_key_id: None,
-            user_id: user.to_owned(),
-            category: "test".to_owned(),
-            priority: "normal",
-            title: "Committed, never pushed".to_owned(),
-            body: "The API died between its commit and its push.".to_owned(),
-            data: json!({}),
-            request_id: None,
-        },
-        deliveries: vec![NewDelivery {
-            id: herald_core::DeliveryId::generate().to_string(),
-            channel: "in_app",
-            max_attempts: 3,
-            requested: true,
-        }],
-    }
+    herald_testkit::seed::notification(user, &["in_app"])
 }
 
 async fn count(app: &TestApp, sql: &str) -> i64 {

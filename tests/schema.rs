@@ -1,32 +1,11 @@
 //! What the schema itself keeps true, whatever statement touches it.
 
 use herald_db::deliveries::{AttemptResult, NextState, claim_delivery, deliver_in_app, record_attempt};
-use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries, insert_notifications};
+use herald_db::notifications::{NewNotificationWithDeliveries, insert_notifications};
 use herald_testkit::TestDb;
 
 fn notification(channels: &[&'static str]) -> NewNotificationWithDeliveries {
-    NewNotificationWithDeliveries {
-        notification: NewNotification {
-            id: herald_core::NotificationId::generate().to_string(),
-            api_key_id: None,
-            user_id: "u_1".into(),
-            category: "general".into(),
-            priority: "normal",
-            title: "t".into(),
-            body: "b".into(),
-            data: serde_json::json!({}),
-            request_id: None,
-        },
-        deliveries: channels
-            .iter()
-            .map(|&channel| NewDelivery {
-                id: herald_core::DeliveryId::generate().to_string(),
-                channel,
-                max_attempts: 3,
-                requested: true,
-            })
-            .collect(),
-    }
+    herald_testkit::seed::notification("u_1", channels)
 }
 
 async fn count(db: &TestDb, sql: &str, id: &str) -> i64 {

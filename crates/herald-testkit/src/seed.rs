@@ -1,13 +1,45 @@
-//! Dead letters in bulk, written straight to Postgres with `INSERT …
-//! SELECT generate_series` (100,000 take a few seconds), for the admin
-//! tests and figures.
+//! Rows for tests to write: a notification as the API hands it to
+//! `herald_db::notifications::insert_notifications`, and dead letters in
+//! bulk, written straight to Postgres with `INSERT … SELECT
+//! generate_series` (100,000 take a few seconds), for the admin tests and
+//! figures.
 //!
 //! Ids are valid prefixed ULIDs made of digits: `dlv_01JD<tag><n>`, so a
 //! test can seed several distinguishable batches. Row `n = 1` is the newest
 //! (`created_at = now() - n seconds`), and each one finished a second after
 //! it was created, after `attempt` attempts that are all recorded.
 
+use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries};
 use sqlx::PgPool;
+
+/// A notification to `user` with one delivery per channel, each named by
+/// the caller (`requested`) and allowed 3 attempts; fresh ids, priority
+/// `normal`, title `t`, body `b`, empty data.
+#[must_use]
+pub fn notification(user: &str, channels: &[&'static str]) -> NewNotificationWithDeliveries {
+    NewNotificationWithDeliveries {
+        notification: NewNotification {
+            id: herald_core::NotificationId::generate().to_string(),
+            api_key_id: None,
+            user_id: user.to_owned(),
+            category: "general".to_owned(),
+            priority: "normal",
+            title: "t".to_owned(),
+            body: "b".to_owned(),
+            data: serde_json::json!({}),
+            request_id: None,
+        },
+        deliveries: channels
+            .iter()
+            .map(|&channel| NewDelivery {
+                id: herald_core::DeliveryId::generate().to_string(),
+                channel,
+                max_attempts: 3,
+                requested: true,
+            })
+            .collect(),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
