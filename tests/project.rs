@@ -132,6 +132,19 @@ fn compose_runs_redis_with_aof_and_noeviction() {
 }
 
 #[test]
+fn compose_gives_postgres_room_for_wal_between_checkpoints() {
+    let doc = compose();
+    let cmd: Vec<&str> = doc["services"]["postgres"]["command"]
+        .as_sequence()
+        .expect("postgres command")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(cmd.first(), Some(&"postgres"), "{cmd:?}");
+    assert!(cmd.windows(2).any(|w| w == ["-c", "max_wal_size=4GB"]), "{cmd:?}");
+}
+
+#[test]
 fn the_container_image_holds_every_binary_compose_runs() {
     let dockerfile = read("deploy/Dockerfile");
     let bins = workspace_binaries();
