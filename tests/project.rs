@@ -46,6 +46,17 @@ fn compose() -> Yaml {
     doc
 }
 
+/// A compose service's `command`, as its words.
+fn command_of(service: &str) -> Vec<String> {
+    compose()["services"][service]["command"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{service} command"))
+        .iter()
+        .filter_map(Yaml::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
 fn herald_variables() -> BTreeSet<&'static str> {
     herald_config::VARIABLES.iter().map(|v| v.name).collect()
 }
@@ -119,28 +130,15 @@ fn the_compose_file_runs_only_binaries_the_workspace_builds_with_known_variables
 
 #[test]
 fn compose_runs_redis_with_aof_and_noeviction() {
-    let doc = compose();
-    let cmd: Vec<&str> = doc["services"]["redis"]["command"]
-        .as_sequence()
-        .expect("redis command")
-        .iter()
-        .filter_map(Yaml::as_str)
-        .collect();
-    let joined = cmd.join(" ");
+    let joined = command_of("redis").join(" ");
     assert!(joined.contains("--appendonly yes"), "{joined}");
     assert!(joined.contains("--maxmemory-policy noeviction"), "{joined}");
 }
 
 #[test]
 fn compose_gives_postgres_room_for_wal_between_checkpoints() {
-    let doc = compose();
-    let cmd: Vec<&str> = doc["services"]["postgres"]["command"]
-        .as_sequence()
-        .expect("postgres command")
-        .iter()
-        .filter_map(Yaml::as_str)
-        .collect();
-    assert_eq!(cmd.first(), Some(&"postgres"), "{cmd:?}");
+    let cmd = command_of("postgres");
+    assert_eq!(cmd.first().map(String::as_str), Some("postgres"), "{cmd:?}");
     assert!(cmd.windows(2).any(|w| w == ["-c", "max_wal_size=4GB"]), "{cmd:?}");
 }
 
