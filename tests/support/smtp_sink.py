@@ -5,7 +5,7 @@ that is not ours). Driven from Rust by `herald_testkit::smtp::SmtpSink`.
 Usage:
     python3 smtp_sink.py --out messages.jsonl [--port 0] [--tls none|starttls|tls]
                          [--cert server.pem --key server.key]
-                         [--user NAME] [--idle-timeout SECS]
+                         [--user NAME] [--idle-timeout SECS] [--pipelining]
     The password for --user is read from the SMTP_SINK_PASSWORD variable
     (so it does not show in `ps`).
 
@@ -17,17 +17,20 @@ TLS modes:
     none      plain SMTP.
     starttls  advertises STARTTLS and refuses MAIL before it (530).
     tls       implicit TLS from the first byte (smtps).
+With --pipelining, EHLO offers PIPELINING (RFC 2920), as Postfix and Exim
+do; aiosmtpd reads commands one line at a time either way.
 With --user, AUTH PLAIN and LOGIN are offered (also without TLS in `none`
 mode, for tests) and MAIL without a successful AUTH gets 530; a wrong
 password gets 535.
 
 Every message whose content arrived is written to --out as one JSON line:
     {"mail_from", "rcpt_tos", "raw", "headers": [[name, value], ...],
-     "text", "html", "tls", "auth_user", "peer_port", "dropped"}
+     "text", "html", "tls", "auth_user", "peer_port", "dropped", "pipelined"}
 `headers`, `text` and `html` come from Python's own `email` parser (headers
 decoded, parts with their transfer encoding undone). `dropped` is true when
 the sink closed the connection instead of answering (see `drop-`), i.e. the
-sender cannot know whether it was accepted.
+sender cannot know whether it was accepted. `pipelined` is true when the
+client had already sent more (its RCPT TO) before the sink answered MAIL FROM.
 
 Failure modes, chosen by the recipient's local part, so one sink serves many
 scenarios at once (TAG is anything, to keep addresses apart):
@@ -88,8 +91,9 @@ def parse_message(raw):
 
 
 class Sink:
-    def __init__(self, out):
+    def __init__(self, out, pipelining):
         self.out = out
+        self.pipelining = pipelining
         self.counts = {}
 
     def bump(self, key):
@@ -111,11 +115,28 @@ class Sink:
             "auth_user": session.auth_data,
             "peer_port": session.peer[1] if session.peer else None,
             "dropped": dropped,
+            "pipelined": getattr(envelope, "pipelined", False),
         }
         # One write per line, flushed: a reader never sees half a message.
         with open(self.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # aiosmtpd's own EHLO handling, plus the keyword when asked for.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        # Bytes already read past this command were sent before its reply.
+        # (aiosmtpd reads a line at a time from an asyncio StreamReader,
+        # whose private buffer holds the rest.)
+        envelope.pipelined = len(server._reader._buffer) > 0
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         mode, n = mode_of(address)
@@ -164,6 +185,7 @@ async def main():
     p.add_argument("--key")
     p.add_argument("--user")
     p.add_argument("--idle-timeout", type=float, default=300)
+    p.add_argument("--pipelining", action="store_true")
     args = p.parse_args()
     # aiosmtpd warns about AUTH without TLS (wanted here) and its own deprecations.
     warnings.simplefilter("ignore")
@@ -190,7 +212,7 @@ async def main():
             auth_require_tls=args.tls == "starttls",
         )
 
-    sink = Sink(args.out)
+    sink = Sink(args.out, args.pipelining)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(sink, loop=loop, **kwargs),

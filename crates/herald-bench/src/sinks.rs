@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -106,9 +106,13 @@ pub async fn start_smtp(receipts: Arc<Receipts>) -> anyhow::Result<Running> {
 }
 
 async fn smtp_session(stream: tokio::net::TcpStream, receipts: &Receipts) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     let mut read = BufReader::with_capacity(16 * 1024, read);
+    // Replies to pipelined commands go out together, once every command
+    // already received is answered (as Postfix does).
+    let mut write = BufWriter::with_capacity(4 * 1024, write);
     write.write_all(b"220 herald-bench ESMTP\r\n").await?;
+    write.flush().await?;
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
@@ -121,6 +125,7 @@ async fn smtp_session(stream: tokio::net::TcpStream, receipts: &Receipts) -> std
             b"HELO" | b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => b"250 OK\r\n",
             b"DATA" => {
                 write.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await?;
+                write.flush().await?;
                 let mut id: Option<String> = None;
                 let mut in_headers = true;
                 loop {
@@ -146,11 +151,15 @@ async fn smtp_session(stream: tokio::net::TcpStream, receipts: &Receipts) -> std
             }
             b"QUIT" => {
                 write.write_all(b"221 Bye\r\n").await?;
+                write.flush().await?;
                 return Ok(());
             }
             _ => b"502 Command not implemented\r\n",
         };
         write.write_all(reply).await?;
+        if read.buffer().is_empty() {
+            write.flush().await?;
+        }
     }
 }
 

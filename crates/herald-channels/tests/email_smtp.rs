@@ -399,3 +399,62 @@ async fn concurrent_sends_all_arrive_once() {
     ids.sort();
     assert_eq!(ids, (0..8).map(|i| format!("dlv_many{i}")).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn commands_go_in_one_write_to_a_server_that_offers_pipelining_and_one_at_a_time_otherwise() {
+    for (options, pipelined) in [
+        (SmtpSinkOptions::starttls(), true),
+        (SmtpSinkOptions::starttls().without_pipelining(), false),
+    ] {
+        let sink = SmtpSink::start(options);
+        let sender = sender_for(&sink);
+        // The second send reuses the pooled connection, which remembers
+        // what its server offered.
+        for i in 0..2 {
+            send_to(&sender, &address::accept("ada"), &format!("dlv_pipe{i}"))
+                .await
+                .unwrap();
+        }
+        let got = sink.messages();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].peer_port, got[1].peer_port);
+        for m in &got {
+            assert_eq!(m.pipelined, pipelined, "{}", m.raw_headers());
+            assert!(m.tls);
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_reply_is_classified_at_its_own_stage_with_or_without_pipelining() {
+    for options in [SmtpSinkOptions::plain(), SmtpSinkOptions::plain().without_pipelining()] {
+        let sink = SmtpSink::start(options);
+        let sender = sender_for(&sink);
+
+        let err = assert_class(
+            send_to(&sender, &address::tempfail(1, "ada"), "dlv_stage1").await,
+            ErrorClass::Transient,
+            Some(451),
+        );
+        assert!(err.message.contains("RCPT TO"), "{err}");
+        let err = assert_class(
+            send_to(&sender, &address::reject("bob"), "dlv_stage2").await,
+            ErrorClass::Permanent,
+            Some(550),
+        );
+        assert!(err.message.contains("RCPT TO"), "{err}");
+        // A refused RCPT leaves the DATA reply unread on that connection,
+        // which is closed: the next send starts clean and arrives once.
+        send_to(&sender, &address::tempfail(1, "ada"), "dlv_stage3")
+            .await
+            .unwrap();
+        send_to(&sender, &address::accept("cy"), "dlv_stage4").await.unwrap();
+
+        let ids: Vec<_> = sink
+            .messages()
+            .iter()
+            .map(|m| m.delivery_id().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["dlv_stage3", "dlv_stage4"]);
+    }
+}

@@ -18,6 +18,10 @@
 //! | [`address::drop_always`] | closes the connection after the content, unanswered | Ambiguous |
 //! | [`address::drop_first`]`(n, …)` | that, the first `n` times; then 250 | Ambiguous ×n, then sent |
 //!
+//! The sink offers PIPELINING unless [`SmtpSinkOptions::without_pipelining`];
+//! [`ReceivedMessage::pipelined`] says whether a message's commands came
+//! pipelined.
+//!
 //! [`SmtpSink::stop`] and [`SmtpSink::resume`] take the whole server away
 //! and back on the same port (connection refused meanwhile: Transient).
 //!
@@ -60,6 +64,9 @@ pub struct SmtpSinkOptions {
     pub auth: Option<(String, String)>,
     /// Close connections idle this long (aiosmtpd's default: 300 s).
     pub idle_timeout: Option<Duration>,
+    /// Leave PIPELINING out of the EHLO reply (offered by default, as
+    /// Postfix and Exim do).
+    pub without_pipelining: bool,
 }
 
 impl SmtpSinkOptions {
@@ -87,6 +94,13 @@ impl SmtpSinkOptions {
     #[must_use]
     pub fn with_auth(mut self, user: &str, password: &str) -> Self {
         self.auth = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// A server that does not offer PIPELINING: one command at a time.
+    #[must_use]
+    pub fn without_pipelining(mut self) -> Self {
+        self.without_pipelining = true;
         self
     }
 
@@ -175,6 +189,9 @@ pub struct ReceivedMessage {
     /// The sink closed the connection instead of answering: the sender
     /// could not know it arrived.
     pub dropped: bool,
+    /// The client sent RCPT TO before the sink answered MAIL FROM
+    /// (pipelining).
+    pub pipelined: bool,
 }
 
 impl ReceivedMessage {
@@ -207,6 +224,7 @@ impl ReceivedMessage {
             auth_user: s("auth_user"),
             peer_port: v["peer_port"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
             dropped: v["dropped"].as_bool().unwrap_or(false),
+            pipelined: v["pipelined"].as_bool().unwrap_or(false),
         }
     }
 
@@ -410,6 +428,9 @@ impl SmtpSink {
             .stderr(log);
         if let Some((user, password)) = &self.options.auth {
             cmd.args(["--user", user]).env("SMTP_SINK_PASSWORD", password);
+        }
+        if !self.options.without_pipelining {
+            cmd.arg("--pipelining");
         }
         if let Some(idle) = self.options.idle_timeout {
             cmd.args(["--idle-timeout", &idle.as_secs_f64().to_string()]);

@@ -52,6 +52,16 @@
 //! of failing every delivery for good. The same holds for session-level
 //! 5xx replies (EHLO, STARTTLS).
 //!
+//! # Pipelining
+//!
+//! When the server offers PIPELINING (RFC 2920; Postfix, Exim, Exchange and
+//! the big providers do), MAIL FROM, RCPT TO and DATA go out in one write
+//! and their replies are read in order: two round trips per message instead
+//! of four. Each reply is still read and classified at its own stage, and
+//! the content goes out only after the `354` to DATA, so the table above
+//! holds as written. lettre keeps no record of the EHLO keywords it does
+//! not know, so a new connection asks EHLO once more, itself, before AUTH.
+//!
 //! # Timeout
 //!
 //! One `tokio::time::timeout` (`HERALD_SEND_TIMEOUT_SECS`) bounds the whole
@@ -80,7 +90,7 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::Error as SmtpError;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 
 use super::EmailSetupError;
@@ -256,9 +266,32 @@ enum Failure {
     Unsupported(&'static str),
 }
 
-struct Idle {
+/// An open connection, and whether its server takes pipelined commands.
+struct Session {
     conn: AsyncSmtpConnection,
+    pipelining: bool,
+}
+
+struct Idle {
+    session: Session,
     since: Instant,
+}
+
+/// MAIL FROM, every RCPT TO and DATA as one write (each renders with its
+/// own CRLF).
+struct Pipelined<'a> {
+    mail: Mail,
+    rcpts: &'a [Rcpt],
+}
+
+impl fmt::Display for Pipelined<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.mail.fmt(f)?;
+        for rcpt in self.rcpts {
+            rcpt.fmt(f)?;
+        }
+        Data.fmt(f)
+    }
 }
 
 /// A pooled SMTP client for one server.
@@ -355,8 +388,8 @@ impl SmtpTransport {
     async fn converse(&self, message: &Message, progress: &Progress) -> Result<(), Failure> {
         let raw = message.formatted();
         let envelope = message.envelope();
-        if let Some(conn) = self.checkout() {
-            match self.transact(conn, envelope, &raw, progress).await {
+        if let Some(session) = self.checkout() {
+            match self.transact(session, envelope, &raw, progress).await {
                 // Closed by the server while idle (no reply, or 421 "closing"):
                 // nothing was sent, so a fresh connection may take over.
                 Err(Failure::Smtp(Stage::Mail, e)) if e.status().is_none_or(|c| u16::from(c) == 421) => {
@@ -365,11 +398,11 @@ impl SmtpTransport {
                 outcome => return outcome,
             }
         }
-        let conn = self.connect(progress).await?;
-        self.transact(conn, envelope, &raw, progress).await
+        let session = self.connect(progress).await?;
+        self.transact(session, envelope, &raw, progress).await
     }
 
-    async fn connect(&self, progress: &Progress) -> Result<AsyncSmtpConnection, Failure> {
+    async fn connect(&self, progress: &Progress) -> Result<Session, Failure> {
         progress.set(Stage::Connect);
         let at_connect = |e| Failure::Smtp(Stage::Connect, e);
         let implicit_tls = match self.security {
@@ -407,6 +440,11 @@ impl SmtpTransport {
             }
             _ => {}
         }
+        // Before AUTH: EHLO resets the session (RFC 5321 4.1.4).
+        let pipelining = match conn.command(Ehlo::new(self.hello.clone())).await {
+            Ok(reply) => offers_pipelining(reply.message()),
+            Err(e) => return Err(fail(conn, Stage::Connect, e)),
+        };
         if let Some(credentials) = &self.credentials {
             progress.set(Stage::Auth);
             if let Err(e) = conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials).await {
@@ -417,20 +455,22 @@ impl SmtpTransport {
         tracing::debug!(
             security = self.security.as_str(),
             encrypted = conn.is_encrypted(),
+            pipelining,
             "opened an SMTP connection"
         );
-        Ok(conn)
+        Ok(Session { conn, pipelining })
     }
 
-    /// MAIL, RCPT, DATA and the content on `conn`; the connection goes back
-    /// to the pool only if all of it succeeded.
+    /// MAIL, RCPT, DATA and the content on `session`; the connection goes
+    /// back to the pool only if all of it succeeded.
     async fn transact(
         &self,
-        mut conn: AsyncSmtpConnection,
+        session: Session,
         envelope: &Envelope,
         raw: &[u8],
         progress: &Progress,
     ) -> Result<(), Failure> {
+        let Session { mut conn, pipelining } = session;
         let mut options = Vec::new();
         let non_ascii_address = envelope
             .to()
@@ -439,7 +479,7 @@ impl SmtpTransport {
             .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
         if non_ascii_address {
             if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
-                self.checkin(conn);
+                self.checkin(Session { conn, pipelining });
                 return Err(Failure::Unsupported("SMTPUTF8"));
             }
             options.push(MailParameter::SmtpUtfEight);
@@ -447,55 +487,75 @@ impl SmtpTransport {
         // lettre's builder encodes every part as 7-bit; this is for safety.
         if !raw.is_ascii() {
             if !conn.server_info().supports_feature(Extension::EightBitMime) {
-                self.checkin(conn);
+                self.checkin(Session { conn, pipelining });
                 return Err(Failure::Unsupported("8BITMIME"));
             }
             options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
 
+        let mail = Mail::new(envelope.from().cloned(), options);
+        let rcpts: Vec<Rcpt> = envelope.to().iter().map(|to| Rcpt::new(to.clone(), vec![])).collect();
         progress.set(Stage::Mail);
-        if let Err(e) = conn.command(Mail::new(envelope.from().cloned(), options)).await {
-            return Err(fail(conn, Stage::Mail, e));
-        }
-        progress.set(Stage::Rcpt);
-        for to in envelope.to() {
-            if let Err(e) = conn.command(Rcpt::new(to.clone(), vec![])).await {
-                return Err(fail(conn, Stage::Rcpt, e));
+        if pipelining {
+            // One write; then the replies in order. After a refusal the
+            // replies still due are never read: the connection is closed.
+            if let Err(e) = conn.command(Pipelined { mail, rcpts: &rcpts }).await {
+                return Err(fail(conn, Stage::Mail, e));
             }
-        }
-        progress.set(Stage::Data);
-        if let Err(e) = conn.command(Data).await {
-            return Err(fail(conn, Stage::Data, e));
+            progress.set(Stage::Rcpt);
+            for _ in &rcpts {
+                if let Err(e) = conn.read_response().await {
+                    return Err(fail(conn, Stage::Rcpt, e));
+                }
+            }
+            progress.set(Stage::Data);
+            if let Err(e) = conn.read_response().await {
+                return Err(fail(conn, Stage::Data, e));
+            }
+        } else {
+            if let Err(e) = conn.command(mail).await {
+                return Err(fail(conn, Stage::Mail, e));
+            }
+            progress.set(Stage::Rcpt);
+            for rcpt in rcpts {
+                if let Err(e) = conn.command(rcpt).await {
+                    return Err(fail(conn, Stage::Rcpt, e));
+                }
+            }
+            progress.set(Stage::Data);
+            if let Err(e) = conn.command(Data).await {
+                return Err(fail(conn, Stage::Data, e));
+            }
         }
         progress.set(Stage::Content);
         if let Err(e) = conn.message(raw).await {
             return Err(fail(conn, Stage::Content, e));
         }
-        self.checkin(conn);
+        self.checkin(Session { conn, pipelining });
         Ok(())
     }
 
-    fn checkout(&self) -> Option<AsyncSmtpConnection> {
+    fn checkout(&self) -> Option<Session> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(parked) = idle.pop() {
-            if parked.since.elapsed() < IDLE_FOR && !parked.conn.has_broken() {
-                return Some(parked.conn);
+            if parked.since.elapsed() < IDLE_FOR && !parked.session.conn.has_broken() {
+                return Some(parked.session);
             }
-            retire(parked.conn);
+            retire(parked.session.conn);
         }
         None
     }
 
-    fn checkin(&self, conn: AsyncSmtpConnection) {
+    fn checkin(&self, session: Session) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE && !conn.has_broken() {
+        if idle.len() < MAX_IDLE && !session.conn.has_broken() {
             idle.push(Idle {
-                conn,
+                session,
                 since: Instant::now(),
             });
         } else {
             drop(idle);
-            retire(conn);
+            retire(session.conn);
         }
     }
 
@@ -573,6 +633,16 @@ impl SmtpTransport {
     }
 }
 
+/// Whether an EHLO reply's lines (after the greeting) name PIPELINING.
+fn offers_pipelining<'a>(mut lines: impl Iterator<Item = &'a str>) -> bool {
+    lines.next();
+    lines.any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
+    })
+}
+
 /// Closes a connection after an error: politely (QUIT) when the server
 /// answered, so it is still in step; at once when the connection broke.
 fn fail(conn: AsyncSmtpConnection, stage: Stage, e: SmtpError) -> Failure {
@@ -595,6 +665,19 @@ mod tests {
 
     fn parse(url: &str) -> Endpoint {
         parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    #[test]
+    fn pipelining_is_read_from_the_ehlo_keywords_not_the_greeting() {
+        assert!(offers_pipelining(
+            ["mx.example.com", "SIZE 1000", "pipelining", "8BITMIME"].into_iter()
+        ));
+        assert!(!offers_pipelining(
+            ["PIPELINING ready", "SIZE 1000", "8BITMIME"].into_iter()
+        ));
+        assert!(!offers_pipelining(
+            ["mx.example.com", "XPIPELINING", "HELP"].into_iter()
+        ));
     }
 
     #[test]
