@@ -44,6 +44,7 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
             &settings.email_from,
             settings.send_timeout,
             settings.smtp_ca_file.as_deref(),
+            settings.concurrency_for(channel.as_str()),
         )?),
         Channel::Push => match &settings.push_transport {
             PushTransport::File { path } => Sender::Push(

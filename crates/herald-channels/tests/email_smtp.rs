@@ -14,7 +14,14 @@ use herald_testkit::smtp::{SmtpSink, SmtpSinkOptions, address};
 const FROM: &str = "Herald <herald@example.com>";
 
 fn sender_with(url: &str, ca_file: Option<&Path>, timeout: Duration) -> EmailSender {
-    EmailSender::from_settings(&EmailSettings::Smtp { url: Secret::new(url) }, FROM, timeout, ca_file).expect("sender")
+    EmailSender::from_settings(
+        &EmailSettings::Smtp { url: Secret::new(url) },
+        FROM,
+        timeout,
+        ca_file,
+        16,
+    )
+    .expect("sender")
 }
 
 fn sender_for(sink: &SmtpSink) -> EmailSender {
@@ -456,5 +463,45 @@ async fn each_reply_is_classified_at_its_own_stage_with_or_without_pipelining() 
             .map(|m| m.delivery_id().unwrap().to_owned())
             .collect();
         assert_eq!(ids, ["dlv_stage3", "dlv_stage4"]);
+    }
+}
+
+#[tokio::test]
+async fn as_many_connections_stay_open_as_the_sender_was_told_and_no_more() {
+    let sink = SmtpSink::start(SmtpSinkOptions::plain());
+    let round = |sender: EmailSender, round: usize| async move {
+        let sends = (0..8).map(|i| {
+            let sender = sender.clone();
+            tokio::spawn(async move { send_to(&sender, &address::accept("ada"), &format!("dlv_r{round}_{i}")).await })
+        });
+        for handle in futures::future::join_all(sends).await {
+            handle.unwrap().unwrap();
+        }
+    };
+    let ports = |round: usize| -> std::collections::BTreeSet<u16> {
+        sink.messages()
+            .iter()
+            .filter(|m| m.delivery_id().unwrap().starts_with(&format!("dlv_r{round}_")))
+            .map(|m| m.peer_port)
+            .collect()
+    };
+    for (keep, round1, round2) in [(8, 1, 2), (2, 3, 4)] {
+        let sender = EmailSender::from_settings(
+            &EmailSettings::Smtp {
+                url: Secret::new(sink.url()),
+            },
+            FROM,
+            Duration::from_secs(10),
+            None,
+            keep,
+        )
+        .unwrap();
+        // Eight at once: eight connections, all idle afterwards.
+        round(sender.clone(), round1).await;
+        round(sender, round2).await;
+        let (first, second) = (ports(round1), ports(round2));
+        assert_eq!(first.len(), 8, "{first:?}");
+        let reused = second.intersection(&first).count();
+        assert_eq!(reused, keep, "kept {keep}: {first:?} then {second:?}");
     }
 }

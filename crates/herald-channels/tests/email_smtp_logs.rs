@@ -24,6 +24,7 @@ fn sender_with(url: &str, sink: &SmtpSink) -> EmailSender {
         FROM,
         Duration::from_secs(10),
         Some(&sink.ca_file()),
+        16,
     )
     .expect("sender")
 }
@@ -66,6 +67,7 @@ async fn the_smtp_password_never_appears_in_trace_logs_or_errors() {
         FROM,
         Duration::from_secs(1),
         None,
+        1,
     )
     .unwrap_err();
     tracing::error!(error = %setup_err, ?setup_err, "set-up failed");

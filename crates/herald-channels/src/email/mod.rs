@@ -138,12 +138,15 @@ impl EmailSender {
     /// `HERALD_EMAIL_FROM`, `HERALD_SEND_TIMEOUT_SECS` and
     /// `HERALD_SMTP_CA_FILE`. Opens no connection: an unreachable server
     /// shows up as transient failures of the first sends, not as a worker
-    /// that cannot start.
+    /// that cannot start. Up to `connections` SMTP connections stay open
+    /// between sends: the most the caller sends at once (a worker's
+    /// concurrency), so no send opens one while another sits closed.
     pub fn from_settings(
         settings: &EmailSettings,
         from: &str,
         timeout: Duration,
         smtp_ca_file: Option<&Path>,
+        connections: usize,
     ) -> Result<Self, EmailSetupError> {
         let from: Mailbox = from.parse().map_err(|_| EmailSetupError::From(from.to_owned()))?;
         let transport = match settings {
@@ -151,9 +154,12 @@ impl EmailSender {
                 std::fs::create_dir_all(dir).map_err(|e| EmailSetupError::Dir(dir.display().to_string(), e))?;
                 Transport::File { dir: dir.clone() }
             }
-            EmailSettings::Smtp { url } => {
-                Transport::Smtp(Arc::new(SmtpTransport::new(url.expose(), smtp_ca_file, timeout)?))
-            }
+            EmailSettings::Smtp { url } => Transport::Smtp(Arc::new(SmtpTransport::new(
+                url.expose(),
+                smtp_ca_file,
+                timeout,
+                connections,
+            )?)),
         };
         Ok(Self { from, transport })
     }
@@ -245,6 +251,7 @@ mod tests {
             "Herald <herald@example.com>",
             Duration::from_secs(5),
             None,
+            1,
         )
         .unwrap();
         assert_eq!(sender.smtp_security(), None);

@@ -70,9 +70,14 @@
 //!
 //! # Pool
 //!
-//! Up to 16 idle connections are kept for 30 s; each send takes the most
+//! As many idle connections as the worker sends at once are kept for 30 s
+//! (`EmailSender::from_settings`'s `connections`); each send takes the most
 //! recently used one or opens a new one (concurrency is bounded by the
-//! worker). A pooled connection the server has meanwhile closed fails at
+//! worker). Keeping fewer made a busy worker close connections and open
+//! new ones all the time: its sends wait on batched claims and results
+//! between uses, so more of them sit idle at once than in flight (with 16
+//! kept for 64 sends, connecting took a third of the email worker's CPU in
+//! the bench's drain). A pooled connection the server has meanwhile closed fails at
 //! MAIL FROM, before anything was sent: that send moves to a fresh
 //! connection once, within the same deadline. A connection that saw any
 //! error is closed (with QUIT when it is still healthy), never reused.
@@ -96,8 +101,6 @@ use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter,
 use super::EmailSetupError;
 use crate::SendError;
 
-/// Idle connections kept for reuse.
-const MAX_IDLE: usize = 16;
 /// How long an idle connection is kept; well under the usual server-side
 /// idle limits (Postfix: 300 s), so most pooled connections are still open.
 const IDLE_FOR: Duration = Duration::from_secs(30);
@@ -306,6 +309,8 @@ pub(crate) struct SmtpTransport {
     password: Option<String>,
     hello: ClientId,
     timeout: Duration,
+    /// Idle connections kept for reuse.
+    max_idle: usize,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -322,7 +327,12 @@ impl fmt::Debug for SmtpTransport {
 }
 
 impl SmtpTransport {
-    pub(crate) fn new(url: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<Self, EmailSetupError> {
+    pub(crate) fn new(
+        url: &str,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+        max_idle: usize,
+    ) -> Result<Self, EmailSetupError> {
         let endpoint = parse_url(url).map_err(EmailSetupError::SmtpUrl)?;
         let tls = match endpoint.security {
             SmtpSecurity::Plain => None,
@@ -348,6 +358,7 @@ impl SmtpTransport {
             password: endpoint.credentials.map(|(_, password)| password),
             hello: endpoint.hello,
             timeout,
+            max_idle,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -548,7 +559,7 @@ impl SmtpTransport {
 
     fn checkin(&self, session: Session) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE && !session.conn.has_broken() {
+        if idle.len() < self.max_idle && !session.conn.has_broken() {
             idle.push(Idle {
                 session,
                 since: Instant::now(),
@@ -732,13 +743,14 @@ mod tests {
             "smtps://127.0.0.1:465",
             Some(Path::new("/nonexistent/ca.pem")),
             Duration::from_secs(1),
+            1,
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("HERALD_SMTP_CA_FILE"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate").unwrap();
-        let err = SmtpTransport::new("smtps://127.0.0.1:465", Some(&path), Duration::from_secs(1)).unwrap_err();
+        let err = SmtpTransport::new("smtps://127.0.0.1:465", Some(&path), Duration::from_secs(1), 1).unwrap_err();
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
     }
 }
