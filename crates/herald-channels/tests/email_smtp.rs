@@ -44,6 +44,14 @@ async fn send(sender: &EmailSender, to: &str, delivery_id: &str, subject: &str, 
         .await
 }
 
+/// The delivery id of every message the sink received, in order.
+fn delivery_ids(sink: &SmtpSink) -> Vec<String> {
+    sink.messages()
+        .iter()
+        .map(|m| m.delivery_id().expect("X-Herald-Delivery-Id").to_owned())
+        .collect()
+}
+
 fn assert_class(result: Result<(), SendError>, class: ErrorClass, status: Option<u16>) -> SendError {
     let err = result.expect_err("the send should fail");
     assert_eq!((err.class, err.provider_status), (class, status), "{err}");
@@ -310,12 +318,7 @@ async fn a_server_that_goes_away_and_comes_back_fails_transiently_then_receives(
     sink.resume();
     send_to(&sender, &address::accept("ada"), "dlv_after").await.unwrap();
 
-    let ids: Vec<_> = sink
-        .messages()
-        .iter()
-        .map(|m| m.delivery_id().unwrap().to_owned())
-        .collect();
-    assert_eq!(ids, ["dlv_before", "dlv_after"]);
+    assert_eq!(delivery_ids(&sink), ["dlv_before", "dlv_after"]);
 }
 
 #[tokio::test]
@@ -398,11 +401,7 @@ async fn concurrent_sends_all_arrive_once() {
         handle.unwrap().unwrap();
     }
 
-    let mut ids: Vec<_> = sink
-        .messages()
-        .iter()
-        .map(|m| m.delivery_id().unwrap().to_owned())
-        .collect();
+    let mut ids = delivery_ids(&sink);
     ids.sort();
     assert_eq!(ids, (0..8).map(|i| format!("dlv_many{i}")).collect::<Vec<_>>());
 }
@@ -457,12 +456,7 @@ async fn each_reply_is_classified_at_its_own_stage_with_or_without_pipelining() 
             .unwrap();
         send_to(&sender, &address::accept("cy"), "dlv_stage4").await.unwrap();
 
-        let ids: Vec<_> = sink
-            .messages()
-            .iter()
-            .map(|m| m.delivery_id().unwrap().to_owned())
-            .collect();
-        assert_eq!(ids, ["dlv_stage3", "dlv_stage4"]);
+        assert_eq!(delivery_ids(&sink), ["dlv_stage3", "dlv_stage4"]);
     }
 }
 
