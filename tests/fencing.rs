@@ -430,3 +430,106 @@ async fn the_workers_pool_never_reuses_a_plan_made_on_an_empty_table() {
     plain.close().await;
     db.drop_db().await;
 }
+
+/// Rows of `deliveries` and of `notifications` read so far by sequential
+/// and index scans, as seen by `conn`'s backend once its counters are
+/// flushed.
+async fn rows_read(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT (SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0)
+                   FROM pg_stat_user_tables WHERE relname = 'deliveries'),
+                (SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0)
+                   FROM pg_stat_user_tables WHERE relname = 'notifications')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+/// Claims and in-app deliveries run on connections that plan once
+/// (`connect_lazy_planned_once`), so their one plan is made on whatever the
+/// tables held at a worker's first job: here, nothing, freshly analyzed.
+/// That plan must still read only the batch's rows when 20,000 more
+/// arrive, not scan an index whole and filter by the batch.
+#[tokio::test]
+async fn claims_and_in_app_planned_once_on_empty_tables_read_only_their_rows_on_full_ones() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql("ANALYZE").execute(&db.pool).await.unwrap();
+    let once = herald_db::connect_lazy_planned_once(&db.url, 1).unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&once)
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_generic_plan");
+    for i in 0..2 {
+        let none = vec![(format!("dlv_none{i}"), 0)];
+        assert!(claim_deliveries(&once, &none, 30.0, "w").await.unwrap()[0].is_none());
+        assert!(deliver_in_app(&once, &none, "w").await.unwrap()[0].is_none());
+    }
+    let waiting = backlog_arrives(&db).await;
+    let jobs: Vec<(String, i32)> = waiting.iter().map(|id| (id.clone(), 0)).collect();
+
+    let mut conn = once.acquire().await.unwrap();
+    let before = rows_read(&mut conn).await;
+    drop(conn);
+    let claimed = claim_deliveries(&once, &jobs[..2], 30.0, "w").await.unwrap();
+    assert!(claimed.iter().all(Option::is_some));
+    let done = deliver_in_app(&once, &jobs[2..], "w").await.unwrap();
+    assert!(done.iter().all(Option::is_some));
+    let mut conn = once.acquire().await.unwrap();
+    let after = rows_read(&mut conn).await;
+    drop(conn);
+    let read = (after.0 - before.0, after.1 - before.1);
+    println!("rows read for 2 claims and 2 in-app deliveries among 20,004: (deliveries, notifications) {read:?}");
+    assert!(
+        read.0 <= 8 && read.1 <= 8,
+        "(deliveries, notifications) rows read: {read:?}; the plan made on empty tables must reach each row by \
+         primary key"
+    );
+
+    // The plan itself, as that connection holds it: every table by index.
+    let mut conn = once.acquire().await.unwrap();
+    for (name, sql, args, params) in [
+        (
+            "claim",
+            herald_db::deliveries::CLAIM_SQL,
+            "TEXT[], JSONB, FLOAT8, TEXT",
+            "'{dlv_a,dlv_b}', '{\"dlv_a\": [0], \"dlv_b\": [1]}', 30, 'w'",
+        ),
+        (
+            "in_app",
+            herald_db::deliveries::DELIVER_IN_APP_SQL,
+            "TEXT[], JSONB, TEXT",
+            "'{dlv_a,dlv_b}', '{\"dlv_a\": [0], \"dlv_b\": [1]}', 'w'",
+        ),
+    ] {
+        sqlx::raw_sql(&format!("PREPARE {name}_plan ({args}) AS {sql}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}_plan({params})"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index Cond: (id = ANY ($1))"), "{name}: {plan}");
+        assert!(
+            plan.contains("using notifications_pkey on notifications"),
+            "{name}: {plan}"
+        );
+        for bad in ["Seq Scan", "Join Filter", "Hash Join", "Merge Join", "Materialize"] {
+            assert!(!plan.contains(bad), "{name}: {bad} in\n{plan}");
+        }
+    }
+    drop(conn);
+    once.close().await;
+    db.drop_db().await;
+}

@@ -25,6 +25,16 @@ pub enum Sender {
     InApp,
 }
 
+/// A worker's connections to Postgres.
+pub struct Pools {
+    /// Planned per call (`herald_db::connect_lazy_planned_per_call`):
+    /// results, device updates, retries' enqueue marks.
+    pub per_call: PgPool,
+    /// Planned once (`herald_db::connect_lazy_planned_once`): claims and
+    /// in-app deliveries, whose statements are shaped for one plan.
+    pub planned_once: PgPool,
+}
+
 /// Everything a worker's handler needs. Shared by all its in-flight jobs.
 pub struct Deliverer {
     pub pool: PgPool,
@@ -61,9 +71,12 @@ const MAX_BATCH: usize = 256;
 const MAX_IN_FLIGHT: usize = 1;
 
 impl Batches {
-    fn start(pool: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
+    /// Claims and in-app deliveries run on `planned_once`
+    /// (`herald_db::connect_lazy_planned_once`: their statements are shaped
+    /// for one plan); results on `pool`, planned per call.
+    fn start(pool: &PgPool, planned_once: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
         let changes = UserChanges::start(queue.clone());
-        let p = pool.clone();
+        let p = planned_once.clone();
         let c = changes.clone();
         let (w, lease_secs) = (worker_id.to_string(), lease.as_secs_f64());
         let claims = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
@@ -80,7 +93,17 @@ impl Batches {
             let (p, c) = (p.clone(), c.clone());
             async move {
                 let (results, users): (Vec<AttemptResult>, Vec<String>) = items.into_iter().unzip();
-                let recorded = herald_db::deliveries::record_attempts(&p, &results).await?;
+                // The sends are done: a batch that fails here costs each of
+                // its deliveries a second send. A connection that broke
+                // while idle (Postgres restarted) fails only its statement,
+                // so try once more on a fresh one. Safe to repeat: the
+                // statement is fenced on `sending` and the attempt, so a
+                // first try that did commit makes the second find nothing
+                // (stale), and the sweeper enqueues a retry it then owes.
+                let recorded = match herald_db::deliveries::record_attempts(&p, &results).await {
+                    Err(e) if e.is_unavailable() => herald_db::deliveries::record_attempts(&p, &results).await?,
+                    outcome => outcome?,
+                };
                 c.changed(
                     users
                         .into_iter()
@@ -91,7 +114,7 @@ impl Batches {
                 Ok(recorded)
             }
         });
-        let p = pool.clone();
+        let p = planned_once.clone();
         let w = worker_id.to_string();
         let in_app = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
             let (p, w, c) = (p.clone(), w.clone(), changes.clone());
@@ -140,7 +163,7 @@ impl Deliverer {
     /// Builds the deliverer and starts its batchers (on the current runtime).
     #[must_use]
     pub fn new(
-        pool: PgPool,
+        pools: Pools,
         queue: QueueClient,
         worker_id: WorkerId,
         sender: Sender,
@@ -148,9 +171,9 @@ impl Deliverer {
         lease: Duration,
         send_timeout: Duration,
     ) -> Self {
-        let batches = Batches::start(&pool, &queue, &worker_id, lease);
+        let batches = Batches::start(&pools.per_call, &pools.planned_once, &queue, &worker_id, lease);
         Self {
-            pool,
+            pool: pools.per_call,
             queue,
             worker_id,
             sender,

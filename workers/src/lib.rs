@@ -74,8 +74,15 @@ pub async fn run_worker(
     let worker_id = WorkerId::generate(role(channel));
     let queue_cfg = QueueConfig::from_settings(settings);
     let retry = settings.retry_for(channel.as_str());
+    // Two connections that plan once: one claim and one in-app statement
+    // run at a time (`deliver::MAX_IN_FLIGHT`).
+    let planned_once =
+        herald_db::connect_lazy_planned_once(settings.database_url.expose(), 2).context("DATABASE_URL")?;
     let deliverer = Arc::new(Deliverer::new(
-        pool,
+        deliver::Pools {
+            per_call: pool,
+            planned_once,
+        },
         QueueClient::new(queue_cfg.clone()).context("REDIS_URL")?,
         worker_id.clone(),
         sender_for(settings, channel)?,

@@ -132,12 +132,14 @@ fn notification(user: &str) -> NewNotificationWithDeliveries {
 /// its batches whole in one statement. The clock stops when every delivery
 /// is final.
 pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
-    // Three workers' pools, as each worker process has its own.
+    // Three workers' pools, as each worker process has its own: claims and
+    // in-app on connections that plan once, results planned per call.
     let mut tasks = tokio::task::JoinSet::new();
     let mut total = 0u64;
     let mut prepared = Vec::new();
     for channel in ["email", "push", "in_app"] {
         let pool = herald_db::connect_lazy_planned_per_call(url, 2 * shape.in_flight as u32)?;
+        let planned_once = herald_db::connect_lazy_planned_once(url, 2 * shape.in_flight as u32)?;
         let ids: Vec<String> =
             sqlx::query_scalar("SELECT id FROM deliveries WHERE channel = $1 AND status = 'queued' ORDER BY id")
                 .bind(channel)
@@ -149,11 +151,11 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
             .chunks(shape.batch)
             .map(|c| c.iter().map(|id| (id.clone(), 0)).collect())
             .collect();
-        prepared.push((channel, pool, Arc::new(Mutex::new(chunks))));
+        prepared.push((channel, pool, planned_once, Arc::new(Mutex::new(chunks))));
     }
     let cpu0 = cpu::snapshot();
     let started = Instant::now();
-    for (channel, pool, chunks) in &prepared {
+    for (channel, pool, planned_once, chunks) in &prepared {
         // A claim and a result statement each `in_flight` at once: twice as
         // many loops, each alternating between the two.
         let loops = if *channel == "in_app" {
@@ -162,17 +164,17 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
             2 * shape.in_flight
         };
         for _ in 0..loops {
-            let (pool, chunks, channel) = (pool.clone(), chunks.clone(), *channel);
+            let (pool, planned_once, chunks, channel) = (pool.clone(), planned_once.clone(), chunks.clone(), *channel);
             tasks.spawn(async move {
                 loop {
                     let Some(jobs) = chunks.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                         break;
                     };
                     if channel == "in_app" {
-                        deliver_in_app(&pool, &jobs, "ceiling").await?;
+                        deliver_in_app(&planned_once, &jobs, "ceiling").await?;
                         continue;
                     }
-                    let claimed = claim_deliveries(&pool, &jobs, 60.0, "ceiling").await?;
+                    let claimed = claim_deliveries(&planned_once, &jobs, 60.0, "ceiling").await?;
                     let results: Vec<AttemptResult> = claimed
                         .into_iter()
                         .flatten()
@@ -205,8 +207,9 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
     if unfinished != 0 {
         bail!("the drain ceiling left {unfinished} of {total} deliveries unfinished");
     }
-    for (_, pool, _) in prepared {
+    for (_, pool, planned_once, _) in prepared {
         pool.close().await;
+        planned_once.close().await;
     }
     Ok((
         total,

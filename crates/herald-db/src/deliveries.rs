@@ -81,48 +81,59 @@ pub async fn claim_delivery(
     )
 }
 
-/// [`claim_delivery`] for many jobs in one statement; one answer per job,
-/// in order. Of two identical jobs in a batch only the first claims.
+/// The claim statement: `$1` the jobs' delivery ids (in lock order), `$2`
+/// their attempts ([`attempts_by_id`]), `$3` the lease in seconds, `$4` the
+/// worker id.
+///
+/// Shaped so that one plan, made once on any table (the workers' batch
+/// pool is [`connect_lazy_planned_once`](crate::connect_lazy_planned_once)),
+/// reaches every row by index: deliveries by `id = ANY($1)` with the
+/// attempt checked per row in the JSON object (no join with the batch, so
+/// no plan can scan deliveries in full and filter by the batch), and each
+/// claimed row's notification and user by a lateral lookup that cannot be
+/// flattened into a join (`OFFSET 0`). `tests/fencing.rs` checks the plan
+/// made on empty tables and the rows it reads on full ones.
+pub const CLAIM_SQL: &str = "WITH c AS (
+         UPDATE deliveries d SET status = 'sending', attempt = d.attempt + 1,
+             lease_until = now() + make_interval(secs => $3), next_attempt_at = NULL, updated_at = now()
+         WHERE d.id = ANY($1::TEXT[]) AND ($2::JSONB -> d.id) @> to_jsonb(d.attempt)
+           AND (d.status || '') IN ('queued', 'retrying')
+         RETURNING d.id, d.notification_id, d.user_id, d.channel, d.priority, d.attempt, d.max_attempts
+     ), a AS (
+         INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at)
+         SELECT id, attempt, $4, now() FROM c
+         ON CONFLICT (delivery_id, attempt) DO NOTHING
+     )
+     SELECT c.id, c.notification_id, c.user_id, c.channel, c.priority, c.attempt, c.max_attempts,
+            n.category, n.title, n.body, n.data, n.request_id, u.email,
+            CASE WHEN c.channel = 'push' THEN COALESCE((
+                SELECT json_agg(json_build_object('id', v.id, 'platform', v.platform,
+                                                  'provider', v.provider, 'token', v.token)
+                                ORDER BY v.created_at)
+                FROM devices v WHERE v.user_id = c.user_id AND v.disabled_at IS NULL
+            ), '[]'::JSON) ELSE '[]'::JSON END AS devices
+     FROM c
+     CROSS JOIN LATERAL (SELECT * FROM notifications n WHERE n.id = c.notification_id OFFSET 0) n
+     LEFT JOIN LATERAL (SELECT u.email FROM users u WHERE u.id = c.user_id OFFSET 0) u ON true";
+
+/// [`claim_delivery`] for many jobs in one statement ([`CLAIM_SQL`]); one
+/// answer per job, in order. Of two identical jobs in a batch only the
+/// first claims; of two for one delivery with different attempts, the one
+/// whose attempt the delivery is at.
 pub async fn claim_deliveries(
     pool: &PgPool,
     jobs: &[(String, i32)],
     lease_secs: f64,
     worker_id: &str,
 ) -> Result<Vec<Option<ClaimedDelivery>>> {
-    let (ids, attempts) = in_lock_order(jobs);
-    // An UPDATE … FROM with duplicate join rows updates the row once, using
-    // a row that passes the WHERE, so a stale duplicate cannot shadow the
-    // job that holds the right attempt number.
-    let claimed: Vec<ClaimedDelivery> = sqlx::query_as(
-        "WITH j AS (
-             SELECT * FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
-         ), c AS (
-             UPDATE deliveries d SET status = 'sending', attempt = d.attempt + 1,
-                 lease_until = now() + make_interval(secs => $3), next_attempt_at = NULL, updated_at = now()
-             FROM j WHERE d.id = j.id AND d.attempt = j.attempt AND (d.status || '') IN ('queued', 'retrying')
-             RETURNING d.id, d.notification_id, d.user_id, d.channel, d.priority, d.attempt, d.max_attempts
-         ), a AS (
-             INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at)
-             SELECT id, attempt, $4, now() FROM c
-             ON CONFLICT (delivery_id, attempt) DO NOTHING
-         )
-         SELECT c.id, c.notification_id, c.user_id, c.channel, c.priority, c.attempt, c.max_attempts,
-                n.category, n.title, n.body, n.data, n.request_id, u.email,
-                CASE WHEN c.channel = 'push' THEN COALESCE((
-                    SELECT json_agg(json_build_object('id', v.id, 'platform', v.platform,
-                                                      'provider', v.provider, 'token', v.token)
-                                    ORDER BY v.created_at)
-                    FROM devices v WHERE v.user_id = c.user_id AND v.disabled_at IS NULL
-                ), '[]'::JSON) ELSE '[]'::JSON END AS devices
-         FROM c JOIN notifications n ON n.id = c.notification_id
-         LEFT JOIN users u ON u.id = c.user_id",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(lease_secs)
-    .bind(worker_id)
-    .fetch_all(pool)
-    .await?;
+    let (ids, _) = in_lock_order(jobs);
+    let claimed: Vec<ClaimedDelivery> = sqlx::query_as(CLAIM_SQL)
+        .bind(&ids)
+        .bind(attempts_by_id(jobs))
+        .bind(lease_secs)
+        .bind(worker_id)
+        .fetch_all(pool)
+        .await?;
     let mut by_id: std::collections::HashMap<String, ClaimedDelivery> =
         claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
     Ok(jobs
@@ -145,6 +156,24 @@ pub(crate) fn in_lock_order(jobs: &[(String, i32)]) -> (Vec<&str>, Vec<i32>) {
     sorted.into_iter().map(|(id, a)| (id.as_str(), *a)).unzip()
 }
 
+/// The jobs' attempts as one JSON object, `{"dlv_…": [attempt, …]}`: a
+/// statement checks a row's attempt with `($n -> d.id) @> to_jsonb(d.attempt)`,
+/// a lookup by key (JSONB keeps an object's keys sorted) instead of a join
+/// with the batch.
+#[must_use]
+pub fn attempts_by_id(jobs: &[(String, i32)]) -> serde_json::Value {
+    let mut by_id = serde_json::Map::with_capacity(jobs.len());
+    for (id, attempt) in jobs {
+        let entry = by_id
+            .entry(id.clone())
+            .or_insert_with(|| serde_json::Value::Array(Vec::with_capacity(1)));
+        if let serde_json::Value::Array(attempts) = entry {
+            attempts.push((*attempt).into());
+        }
+    }
+    serde_json::Value::Object(by_id)
+}
+
 /// An in-app delivery written to its user's inbox.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct InboxDelivered {
@@ -157,6 +186,34 @@ pub struct InboxDelivered {
     pub title: String,
 }
 
+/// The in-app statement: `$1` the jobs' delivery ids (in lock order), `$2`
+/// their attempts ([`attempts_by_id`]), `$3` the worker id. Shaped like
+/// [`CLAIM_SQL`], for one plan that reaches every row by index; the
+/// channel test is `(d.channel || '')` so that it cannot become the index
+/// condition of a whole scan of `(notification_id, channel)`, which a plan
+/// made on empty tables chose.
+pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
+         UPDATE deliveries d SET status = 'delivered', attempt = d.attempt + 1, lease_until = NULL,
+             next_attempt_at = NULL, updated_at = now(), sent_at = now(), delivered_at = now(),
+             finished_at = now()
+         WHERE d.id = ANY($1::TEXT[]) AND ($2::JSONB -> d.id) @> to_jsonb(d.attempt)
+           AND (d.status || '') IN ('queued', 'retrying') AND (d.channel || '') = 'in_app'
+         RETURNING d.id, d.notification_id, d.user_id, d.attempt
+     ), a AS (
+         INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at, finished_at, outcome)
+         SELECT id, attempt, $3, now(), now(), 'delivered' FROM c
+         ON CONFLICT (delivery_id, attempt) DO NOTHING
+     ), n AS (
+         SELECT c.id, c.attempt, n.id AS notification_id, n.user_id, n.category, n.title, n.body, n.data,
+                n.created_at
+         FROM c CROSS JOIN LATERAL (SELECT * FROM notifications n WHERE n.id = c.notification_id OFFSET 0) n
+     ), i AS (
+         INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
+         SELECT notification_id, user_id, category, title, body, data, created_at FROM n
+         ON CONFLICT (notification_id) DO NOTHING
+     )
+     SELECT id, notification_id, user_id, attempt, category, title FROM n";
+
 /// Delivers in-app jobs in one statement: for each delivery still waiting
 /// at the job's attempt count, the inbox item is written and the delivery
 /// becomes `delivered` with a completed attempt row, all in one commit.
@@ -165,43 +222,19 @@ pub struct InboxDelivered {
 /// lease nor a separate result: either everything commits or nothing does
 /// and the job is tried again. The fencing is the claim's: a stale or
 /// duplicate job matches no row. One answer per job, in order; `None` for a
-/// stale job.
+/// stale job. The statement is [`DELIVER_IN_APP_SQL`].
 pub async fn deliver_in_app(
     pool: &PgPool,
     jobs: &[(String, i32)],
     worker_id: &str,
 ) -> Result<Vec<Option<InboxDelivered>>> {
-    let (ids, attempts) = in_lock_order(jobs);
-    let done: Vec<InboxDelivered> = sqlx::query_as(
-        "WITH j AS (
-             SELECT * FROM UNNEST($1::TEXT[], $2::INT[]) AS j (id, attempt)
-         ), c AS (
-             UPDATE deliveries d SET status = 'delivered', attempt = d.attempt + 1, lease_until = NULL,
-                 next_attempt_at = NULL, updated_at = now(), sent_at = now(), delivered_at = now(),
-                 finished_at = now()
-             FROM j WHERE d.id = j.id AND d.attempt = j.attempt AND (d.status || '') IN ('queued', 'retrying')
-               AND d.channel = 'in_app'
-             RETURNING d.id, d.notification_id, d.user_id, d.attempt
-         ), a AS (
-             INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at, finished_at, outcome)
-             SELECT id, attempt, $3, now(), now(), 'delivered' FROM c
-             ON CONFLICT (delivery_id, attempt) DO NOTHING
-         ), n AS (
-             SELECT c.id, c.attempt, n.id AS notification_id, n.user_id, n.category, n.title, n.body, n.data,
-                    n.created_at
-             FROM c JOIN notifications n ON n.id = c.notification_id
-         ), i AS (
-             INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
-             SELECT notification_id, user_id, category, title, body, data, created_at FROM n
-             ON CONFLICT (notification_id) DO NOTHING
-         )
-         SELECT id, notification_id, user_id, attempt, category, title FROM n",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(worker_id)
-    .fetch_all(pool)
-    .await?;
+    let (ids, _) = in_lock_order(jobs);
+    let done: Vec<InboxDelivered> = sqlx::query_as(DELIVER_IN_APP_SQL)
+        .bind(&ids)
+        .bind(attempts_by_id(jobs))
+        .bind(worker_id)
+        .fetch_all(pool)
+        .await?;
     let mut by_id: std::collections::HashMap<String, InboxDelivered> =
         done.into_iter().map(|d| (d.id.clone(), d)).collect();
     Ok(jobs
