@@ -264,9 +264,9 @@ async fn a_push_claim_reads_the_users_active_devices_in_the_same_statement() {
     db.drop_db().await;
 }
 
-/// Index and sequential scans of `deliveries` so far, as seen by `conn`'s
-/// backend once its own counters are flushed.
-async fn deliveries_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+/// Makes `conn`'s backend publish its statistics counters and read fresh
+/// ones.
+async fn flush_stats(conn: &mut sqlx::PgConnection) {
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
         .await
@@ -275,6 +275,12 @@ async fn deliveries_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
         .execute(&mut *conn)
         .await
         .unwrap();
+}
+
+/// Index and sequential scans of `deliveries` so far, as seen by `conn`'s
+/// backend once its own counters are flushed.
+async fn deliveries_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    flush_stats(conn).await;
     sqlx::query_as(
         "SELECT (SELECT COALESCE(idx_scan, 0) FROM pg_stat_user_indexes WHERE indexrelname = 'deliveries_pending'),
                 (SELECT COALESCE(seq_scan, 0) FROM pg_stat_user_tables WHERE relname = 'deliveries')",
@@ -435,14 +441,7 @@ async fn the_workers_pool_never_reuses_a_plan_made_on_an_empty_table() {
 /// and index scans, as seen by `conn`'s backend once its counters are
 /// flushed.
 async fn rows_read(conn: &mut sqlx::PgConnection) -> (i64, i64) {
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    flush_stats(conn).await;
     sqlx::query_as(
         "SELECT (SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0)
                    FROM pg_stat_user_tables WHERE relname = 'deliveries'),
