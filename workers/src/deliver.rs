@@ -28,10 +28,11 @@ pub enum Sender {
 /// A worker's connections to Postgres.
 pub struct Pools {
     /// Planned per call (`herald_db::connect_lazy_planned_per_call`):
-    /// results, device updates, retries' enqueue marks.
+    /// device updates, retries' enqueue marks.
     pub per_call: PgPool,
-    /// Planned once (`herald_db::connect_lazy_planned_once`): claims and
-    /// in-app deliveries, whose statements are shaped for one plan.
+    /// Planned once (`herald_db::connect_lazy_planned_once`): claims,
+    /// results and in-app deliveries, whose statements are shaped for one
+    /// plan.
     pub planned_once: PgPool,
 }
 
@@ -71,10 +72,10 @@ const MAX_BATCH: usize = 256;
 const MAX_IN_FLIGHT: usize = 1;
 
 impl Batches {
-    /// Claims and in-app deliveries run on `planned_once`
-    /// (`herald_db::connect_lazy_planned_once`: their statements are shaped
-    /// for one plan); results on `pool`, planned per call.
-    fn start(pool: &PgPool, planned_once: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
+    /// Every batch runs on `planned_once`
+    /// (`herald_db::connect_lazy_planned_once`: its statements are shaped
+    /// for one plan).
+    fn start(planned_once: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
         let changes = UserChanges::start(queue.clone());
         let p = planned_once.clone();
         let c = changes.clone();
@@ -87,7 +88,7 @@ impl Batches {
                 Ok(claimed)
             }
         });
-        let p = pool.clone();
+        let p = planned_once.clone();
         let c = changes.clone();
         let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |items: Vec<(AttemptResult, String)>| {
             let (p, c) = (p.clone(), c.clone());
@@ -171,7 +172,7 @@ impl Deliverer {
         lease: Duration,
         send_timeout: Duration,
     ) -> Self {
-        let batches = Batches::start(&pools.per_call, &pools.planned_once, &queue, &worker_id, lease);
+        let batches = Batches::start(&pools.planned_once, &queue, &worker_id, lease);
         Self {
             pool: pools.per_call,
             queue,

@@ -74,8 +74,8 @@ pub async fn run_worker(
     let worker_id = WorkerId::generate(role(channel));
     let queue_cfg = QueueConfig::from_settings(settings);
     let retry = settings.retry_for(channel.as_str());
-    // Two connections that plan once: one claim and one in-app statement
-    // run at a time (`deliver::MAX_IN_FLIGHT`).
+    // Two connections that plan once: a claim and a result statement (or
+    // an in-app one) run at a time (`deliver::MAX_IN_FLIGHT` of each).
     let planned_once =
         herald_db::connect_lazy_planned_once(settings.database_url.expose(), 2).context("DATABASE_URL")?;
     let deliverer = Arc::new(Deliverer::new(

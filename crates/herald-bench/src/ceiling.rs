@@ -132,8 +132,8 @@ fn notification(user: &str) -> NewNotificationWithDeliveries {
 /// its batches whole in one statement. The clock stops when every delivery
 /// is final.
 pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
-    // Three workers' pools, as each worker process has its own: claims and
-    // in-app on connections that plan once, results planned per call.
+    // Three workers' pools, as each worker process has its own: every
+    // statement on connections that plan once.
     let mut tasks = tokio::task::JoinSet::new();
     let mut total = 0u64;
     let mut prepared = Vec::new();
@@ -155,7 +155,7 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
     }
     let cpu0 = cpu::snapshot();
     let started = Instant::now();
-    for (channel, pool, planned_once, chunks) in &prepared {
+    for (channel, _, planned_once, chunks) in &prepared {
         // A claim and a result statement each `in_flight` at once: twice as
         // many loops, each alternating between the two.
         let loops = if *channel == "in_app" {
@@ -164,7 +164,7 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
             2 * shape.in_flight
         };
         for _ in 0..loops {
-            let (pool, planned_once, chunks, channel) = (pool.clone(), planned_once.clone(), chunks.clone(), *channel);
+            let (planned_once, chunks, channel) = (planned_once.clone(), chunks.clone(), *channel);
             tasks.spawn(async move {
                 loop {
                     let Some(jobs) = chunks.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
@@ -188,7 +188,7 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
                             detail: None,
                         })
                         .collect();
-                    record_attempts(&pool, &results).await?;
+                    record_attempts(&planned_once, &results).await?;
                 }
                 anyhow::Ok(())
             });

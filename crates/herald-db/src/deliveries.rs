@@ -16,16 +16,17 @@
 //! stays in the `WHERE` of the `UPDATE`, so Postgres re-checks it on the
 //! newest row version when two claims race: the fence is unchanged.
 //!
-//! They must also be planned afresh on every call: a plan cached while the
-//! table was empty (a new deployment; the bench's truncation between
-//! scenarios) seq-scans it for every batch until autovacuum's next analyze,
-//! which a busy table may not get for minutes. The workers' pool sets
-//! `plan_cache_mode = force_custom_plan`
-//! ([`connect_lazy_planned_per_call`](crate::connect_lazy_planned_per_call)):
-//! each statement is still prepared once per connection, so a call is one
-//! round trip, but planned with its values on every execution. (An unnamed
-//! statement would plan afresh too, at the cost of a second round trip to
-//! describe it on every call: ~0.3–0.7 ms on an idle worker's path.)
+//! Nor may a plan depend on how full the table was when it was made: a
+//! plan cached while the table was empty (a new deployment; the bench's
+//! truncation between scenarios) can seq-scan it for every batch until
+//! autovacuum's next analyze, which a busy table may not get for minutes.
+//! The claim, result and in-app statements ([`CLAIM_SQL`], [`RECORD_SQL`],
+//! [`DELIVER_IN_APP_SQL`]) are shaped so that their one plan reaches every
+//! row by index on any table, and the workers run them on connections that
+//! plan once ([`connect_lazy_planned_once`](crate::connect_lazy_planned_once),
+//! which says what planning each call cost). The workers' other statements run on connections that plan each call with
+//! its values
+//! ([`connect_lazy_planned_per_call`](crate::connect_lazy_planned_per_call)).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -314,68 +315,85 @@ pub async fn record_attempt(pool: &PgPool, r: &AttemptResult) -> Result<Recorded
         .unwrap_or(Recorded::Stale))
 }
 
-/// [`record_attempt`] for many attempts in one statement; one answer each,
-/// in order.
+/// The result statement: `$1` the deliveries' ids (in lock order), `$2`
+/// the results ([`results_by_attempt`]).
+///
+/// Shaped like [`CLAIM_SQL`], for one plan that reaches every row by
+/// index: deliveries by `id = ANY($1)` and attempts by the prefix of their
+/// primary key, each row's own result looked up in the JSON object by
+/// `id:attempt` (so the attempt fence is that lookup) and unpacked once per
+/// row by the sub-select in `SET`. No join with the batch, so no plan can
+/// scan either table and filter by it (`tests/fencing.rs`).
+pub const RECORD_SQL: &str = "WITH u AS (
+         UPDATE deliveries d SET (status, lease_until, updated_at, next_attempt_at, skip_reason, last_error,
+                                  last_error_class, last_provider_status, sent_at, delivered_at, finished_at) = (
+             SELECT r.status, NULL::TIMESTAMPTZ, now(), now() + make_interval(secs => r.after_secs),
+                    COALESCE(r.skip_reason, d.skip_reason), COALESCE(r.error, d.last_error),
+                    COALESCE(r.class, d.last_error_class), COALESCE(r.provider_status, d.last_provider_status),
+                    CASE WHEN r.status IN ('sent', 'delivered') THEN now() ELSE d.sent_at END,
+                    CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
+                    CASE WHEN r.status <> 'retrying' THEN now() END
+             FROM jsonb_to_record($2::JSONB -> (d.id || ':' || d.attempt))
+                 AS r (status TEXT, after_secs FLOAT8, skip_reason TEXT, error TEXT, class TEXT, provider_status INT))
+         WHERE d.id = ANY($1::TEXT[]) AND $2::JSONB ? (d.id || ':' || d.attempt) AND (d.status || '') = 'sending'
+         RETURNING d.id, d.attempt, d.next_attempt_at
+     ), a AS (
+         UPDATE delivery_attempts t SET (finished_at, outcome, provider_status, error, detail) = (
+             SELECT now(), r.outcome, r.provider_status, r.error, r.detail
+             FROM jsonb_to_record($2::JSONB -> (t.delivery_id || ':' || t.attempt))
+                 AS r (outcome TEXT, provider_status INT, error TEXT, detail JSONB))
+         WHERE t.delivery_id = ANY($1::TEXT[]) AND $2::JSONB ? (t.delivery_id || ':' || t.attempt)
+     )
+     SELECT id, attempt, next_attempt_at FROM u";
+
+/// The results as one JSON object keyed by `delivery_id:attempt`, each
+/// value the columns [`RECORD_SQL`] writes. Of two results for one attempt
+/// the last is kept (there is one attempt row to write).
+#[must_use]
+pub fn results_by_attempt(results: &[AttemptResult]) -> serde_json::Value {
+    let mut by_attempt = serde_json::Map::with_capacity(results.len());
+    for r in results {
+        let mut row = serde_json::Map::with_capacity(9);
+        let mut put = |k: &str, v: serde_json::Value| {
+            if !v.is_null() {
+                row.insert(k.to_owned(), v);
+            }
+        };
+        put("status", r.next.status().into());
+        put("outcome", r.outcome.into());
+        if let NextState::Retrying { after } = r.next {
+            put("after_secs", after.as_secs_f64().into());
+        }
+        if let NextState::Skipped { reason } = &r.next {
+            put("skip_reason", reason.as_str().into());
+        }
+        if let Some(e) = &r.error {
+            put("error", e.chars().take(MAX_ERROR_CHARS).collect::<String>().into());
+        }
+        if matches!(r.outcome, "permanent" | "transient" | "rate_limited" | "ambiguous") {
+            put("class", r.outcome.into());
+        }
+        put("provider_status", r.provider_status.into());
+        put("detail", r.detail.clone().unwrap_or_default());
+        by_attempt.insert(
+            format!("{}:{}", r.delivery_id, r.attempt),
+            serde_json::Value::Object(row),
+        );
+    }
+    serde_json::Value::Object(by_attempt)
+}
+
+/// [`record_attempt`] for many attempts in one statement ([`RECORD_SQL`]);
+/// one answer each, in order.
 pub async fn record_attempts(pool: &PgPool, results: &[AttemptResult]) -> Result<Vec<Recorded>> {
-    let col = |f: fn(&AttemptResult) -> Option<String>| -> Vec<Option<String>> { results.iter().map(f).collect() };
-    let ids = col(|r| Some(r.delivery_id.clone()));
-    let statuses = col(|r| Some(r.next.status().to_owned()));
-    let skip = col(|r| match &r.next {
-        NextState::Skipped { reason } => Some(reason.clone()),
-        _ => None,
-    });
-    let errors = col(|r| r.error.as_ref().map(|e| e.chars().take(MAX_ERROR_CHARS).collect()));
-    let classes = col(|r| match r.outcome {
-        "permanent" | "transient" | "rate_limited" | "ambiguous" => Some(r.outcome.to_owned()),
-        _ => None,
-    });
-    let outcomes = col(|r| Some(r.outcome.to_owned()));
-    let attempts: Vec<i32> = results.iter().map(|r| r.attempt).collect();
-    let after: Vec<Option<f64>> = results
-        .iter()
-        .map(|r| match r.next {
-            NextState::Retrying { after } => Some(after.as_secs_f64()),
-            _ => None,
-        })
-        .collect();
-    let provider: Vec<Option<i32>> = results.iter().map(|r| r.provider_status).collect();
-    let details: Vec<Option<&serde_json::Value>> = results.iter().map(|r| r.detail.as_ref()).collect();
-    let moved: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "WITH r AS (
-             SELECT * FROM UNNEST($1::TEXT[], $2::INT[], $3::TEXT[], $4::FLOAT8[], $5::TEXT[], $6::TEXT[],
-                                  $7::TEXT[], $8::INT[], $9::TEXT[], $10::JSONB[])
-                 AS r (id, attempt, status, after_secs, skip_reason, error, class, provider_status, outcome, detail)
-         ), u AS (
-             UPDATE deliveries d SET status = r.status, lease_until = NULL, updated_at = now(),
-                 next_attempt_at = now() + make_interval(secs => r.after_secs),
-                 skip_reason = COALESCE(r.skip_reason, d.skip_reason),
-                 last_error = COALESCE(r.error, d.last_error),
-                 last_error_class = COALESCE(r.class, d.last_error_class),
-                 last_provider_status = COALESCE(r.provider_status, d.last_provider_status),
-                 sent_at = CASE WHEN r.status IN ('sent', 'delivered') THEN now() ELSE d.sent_at END,
-                 delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
-                 finished_at = CASE WHEN r.status <> 'retrying' THEN now() ELSE NULL END
-             FROM r WHERE d.id = r.id AND d.attempt = r.attempt AND (d.status || '') = 'sending'
-             RETURNING d.id, d.attempt, d.next_attempt_at
-         ), a AS (
-             UPDATE delivery_attempts t SET finished_at = now(), outcome = r.outcome,
-                 provider_status = r.provider_status, error = r.error, detail = r.detail
-             FROM r WHERE t.delivery_id = r.id AND t.attempt = r.attempt
-         )
-         SELECT id, attempt, next_attempt_at FROM u",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&statuses)
-    .bind(&after)
-    .bind(&skip)
-    .bind(&errors)
-    .bind(&classes)
-    .bind(&provider)
-    .bind(&outcomes)
-    .bind(&details)
-    .fetch_all(pool)
-    .await?;
+    let mut ids: Vec<&str> = results.iter().map(|r| r.delivery_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let moved: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(RECORD_SQL)
+        .bind(&ids)
+        .bind(results_by_attempt(results))
+        .fetch_all(pool)
+        .await?;
     let mut by_id: std::collections::HashMap<(String, i32), Option<DateTime<Utc>>> =
         moved.into_iter().map(|(id, a, next)| ((id, a), next)).collect();
     Ok(results

@@ -88,7 +88,7 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {
 /// each execution (`plan_cache_mode = force_custom_plan`), while still
 /// prepared once (one round trip per statement, not two).
 ///
-/// The workers' other statements (results, sweeps, replays, enqueue marks)
+/// The workers' other statements (sweeps, replays, enqueue marks)
 /// run against a table whose contents swing from empty to a million
 /// pending rows and back. A generic plan cached at the wrong
 /// moment (a new deployment, a drained backlog) seq-scans the table for
@@ -106,8 +106,9 @@ pub fn connect_lazy_planned_per_call(url: &str, max_connections: u32) -> Result<
 ///
 /// Only statements shaped for one plan run here: the accept statement
 /// ([`notifications::ACCEPT_SQL`]) and its push confirmations in the API,
-/// and the workers' claims and in-app deliveries
-/// ([`deliveries::CLAIM_SQL`], [`deliveries::DELIVER_IN_APP_SQL`]).
+/// and the workers' claims, results and in-app deliveries
+/// ([`deliveries::CLAIM_SQL`], [`deliveries::RECORD_SQL`],
+/// [`deliveries::DELIVER_IN_APP_SQL`]).
 /// Planning them cost a large share of running them for small batches (0.8
 /// ms of bind against 0.5 ms of execution for one notification; 0.4–0.46
 /// ms against 1.8 ms for a claim of about 30), and each is shaped so that one
