@@ -335,3 +335,55 @@ async fn a_client_registers_and_removes_its_own_push_token() {
     assert!(user["devices"].as_array().unwrap().is_empty());
     app.stop().await;
 }
+
+/// A reconnect storm (every live client after an API restart) must not
+/// overflow the accept queue: each handshake the kernel drops waits out
+/// TCP's retransmission backoff (1, 3, 7 s …) before it tries again. Here
+/// 2,000 clients connect at once to a listener that accepts nothing yet;
+/// with tokio's default backlog (1,024) the ones beyond it would still be
+/// waiting after the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_of_2000_clients_fits_in_the_apis_accept_queue() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_096);
+    assert!(
+        somaxconn >= 2_048,
+        "net.core.somaxconn is {somaxconn}: the kernel caps the API's backlog ({}) at it; raise it",
+        herald_api::LISTEN_BACKLOG
+    );
+    let listener = herald_api::bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..2_000 {
+        clients.spawn(async move {
+            tokio::time::timeout(Duration::from_millis(2_500), tokio::net::TcpStream::connect(addr)).await
+        });
+    }
+    let (mut connected, mut timed_out, mut failed) = (0, 0, 0);
+    let mut streams = Vec::new();
+    while let Some(outcome) = clients.join_next().await {
+        match outcome.unwrap() {
+            Ok(Ok(stream)) => {
+                connected += 1;
+                streams.push(stream);
+            }
+            Ok(Err(_)) => failed += 1,
+            Err(_) => timed_out += 1,
+        }
+    }
+    assert_eq!(
+        (connected, timed_out, failed),
+        (2_000, 0, 0),
+        "(connected, timed out, failed) of 2,000 clients connecting at once before any accept"
+    );
+    // And the API then accepts them all.
+    for _ in 0..2_000 {
+        tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a queued connection to accept")
+            .unwrap();
+    }
+    drop(streams);
+}

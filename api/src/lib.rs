@@ -294,6 +294,32 @@ pub async fn warn_about_redis(queue: &QueueClient) {
     }
 }
 
+/// Connections the kernel holds for the API before it accepts them.
+///
+/// Live streams make reconnect storms part of normal operation: after a
+/// restart or a network blip every client reconnects at once. With
+/// tokio's default backlog (1,024) the accept queue overflowed when the
+/// bench opened 10,000 streams at once (`TcpExtListenOverflows`), and each
+/// dropped handshake waits out TCP's retransmission backoff (1, 3, 7, 15,
+/// 31, 63 s): 9,558 of 9,999 streams were open after 120 s where a run
+/// without drops opens them all in 15 s. The kernel caps it at
+/// `net.core.somaxconn` (4,096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// Binds the API's listener, with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`
+/// (a restarted API rebinds while the old process's connections linger
+/// in `TIME_WAIT`), as `TcpListener::bind` does apart from the backlog.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     state: AppState,

@@ -13,9 +13,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("applying migrations (is DATABASE_URL reachable?)")?;
     herald_api::warn_about_redis(&state.queue).await;
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .with_context(|| format!("binding HERALD_BIND={bind}"))?;
+    let listener = herald_api::bind(bind).with_context(|| format!("binding HERALD_BIND={bind}"))?;
     herald_api::serve(state, listener, shutdown_signal()).await
 }
 

@@ -287,7 +287,7 @@ impl TestApp {
         tweak(&mut env);
         let settings = Settings::from_map(&env).expect("test settings are valid");
         let state = herald_api::AppState::new(settings.clone()).expect("app state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = herald_api::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -474,7 +474,7 @@ impl TestApp {
     /// database and Redis prefix: a replica behind the same load balancer.
     pub async fn spawn_api_replica(&self) -> ApiReplica {
         let state = herald_api::AppState::new(self.settings.clone()).expect("app state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = herald_api::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -38,9 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .context("creating the development API key")?;
     herald_api::warn_about_redis(&state.queue).await;
 
-    let listener = tokio::net::TcpListener::bind(settings.bind)
-        .await
-        .with_context(|| format!("binding HERALD_BIND={}", settings.bind))?;
+    let listener = herald_api::bind(settings.bind).with_context(|| format!("binding HERALD_BIND={}", settings.bind))?;
     let addr = listener.local_addr().context("listener address")?;
     let shutdown = herald_workers::shutdown_on_signal();
     let api_shutdown = shutdown.clone();
