@@ -132,8 +132,9 @@ fn notification(user: &str) -> NewNotificationWithDeliveries {
 /// its batches whole in one statement. The clock stops when every delivery
 /// is final.
 pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
-    // Three workers' pools, as each worker process has its own: every
-    // statement on connections that plan once.
+    // Three workers' pools, as each worker process has its own: claims,
+    // results and in-app on connections that plan once (the other pool
+    // only lists the backlog and counts what is left).
     let mut tasks = tokio::task::JoinSet::new();
     let mut total = 0u64;
     let mut prepared = Vec::new();

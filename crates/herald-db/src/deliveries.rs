@@ -24,8 +24,8 @@
 //! [`DELIVER_IN_APP_SQL`]) are shaped so that their one plan reaches every
 //! row by index on any table, and the workers run them on connections that
 //! plan once ([`connect_lazy_planned_once`](crate::connect_lazy_planned_once),
-//! which says what planning each call cost). The workers' other statements run on connections that plan each call with
-//! its values
+//! which says what planning each call cost). The workers' other
+//! statements run on connections that plan each call with its values
 //! ([`connect_lazy_planned_per_call`](crate::connect_lazy_planned_per_call)).
 
 use chrono::{DateTime, Utc};
