@@ -32,6 +32,11 @@ fn result(id: &str, attempt: i32, next: NextState, outcome: &'static str) -> Att
     }
 }
 
+/// The same result for the first attempt of each of these deliveries.
+fn first_attempts(ids: &[String], next: &NextState, outcome: &'static str) -> Vec<AttemptResult> {
+    ids.iter().map(|id| result(id, 1, next.clone(), outcome)).collect()
+}
+
 async fn status_of(db: &TestDb, id: &str) -> (String, i32) {
     sqlx::query_as("SELECT status, attempt FROM deliveries WHERE id = $1")
         .bind(id)
@@ -345,10 +350,7 @@ async fn worker_statements_find_deliveries_by_primary_key_even_with_stale_statis
     herald_db::notifications::mark_enqueued(&one, &jobs[..2]).await.unwrap();
     let claimed = claim_deliveries(&one, &jobs[..2], 30.0, "w").await.unwrap();
     assert!(claimed.iter().all(Option::is_some));
-    let results: Vec<AttemptResult> = waiting[..2]
-        .iter()
-        .map(|id| result(id, 1, NextState::Delivered, "delivered"))
-        .collect();
+    let results = first_attempts(&waiting[..2], &NextState::Delivered, "delivered");
     let recorded = herald_db::deliveries::record_attempts(&one, &results).await.unwrap();
     assert!(recorded.iter().all(|r| matches!(r, Recorded::Moved { .. })));
     let done = deliver_in_app(&one, &jobs[2..], "w").await.unwrap();
@@ -484,10 +486,7 @@ async fn claims_results_and_in_app_planned_once_on_empty_tables_read_only_their_
     drop(conn);
     let claimed = claim_deliveries(&once, &jobs[..2], 30.0, "w").await.unwrap();
     assert!(claimed.iter().all(Option::is_some));
-    let results: Vec<AttemptResult> = waiting[..2]
-        .iter()
-        .map(|id| result(id, 1, NextState::Sent, "sent"))
-        .collect();
+    let results = first_attempts(&waiting[..2], &NextState::Sent, "sent");
     let recorded = herald_db::deliveries::record_attempts(&once, &results).await.unwrap();
     assert!(
         recorded.iter().all(|r| matches!(r, Recorded::Moved { .. })),

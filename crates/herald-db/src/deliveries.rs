@@ -135,15 +135,22 @@ pub async fn claim_deliveries(
         .bind(worker_id)
         .fetch_all(pool)
         .await?;
-    let mut by_id: std::collections::HashMap<String, ClaimedDelivery> =
-        claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
-    Ok(jobs
-        .iter()
+    Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
+}
+
+/// One answer per job, in order, from the rows a fenced batch statement
+/// returned (each with its delivery id and the attempt it started): a
+/// job's row if that job's attempt is the one that moved the delivery,
+/// `None` for a stale or duplicate job.
+fn answer_per_job<T>(jobs: &[(String, i32)], rows: Vec<T>, id_and_attempt: fn(&T) -> (&String, i32)) -> Vec<Option<T>> {
+    let mut by_id: std::collections::HashMap<String, T> =
+        rows.into_iter().map(|r| (id_and_attempt(&r).0.clone(), r)).collect();
+    jobs.iter()
         .map(|(id, attempt)| match by_id.get(id) {
-            Some(c) if c.attempt == attempt + 1 => by_id.remove(id),
+            Some(r) if id_and_attempt(r).1 == attempt + 1 => by_id.remove(id),
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 /// The jobs' ids and attempts, sorted by id: every batched statement that
@@ -236,15 +243,7 @@ pub async fn deliver_in_app(
         .bind(worker_id)
         .fetch_all(pool)
         .await?;
-    let mut by_id: std::collections::HashMap<String, InboxDelivered> =
-        done.into_iter().map(|d| (d.id.clone(), d)).collect();
-    Ok(jobs
-        .iter()
-        .map(|(id, attempt)| match by_id.get(id) {
-            Some(d) if d.attempt == attempt + 1 => by_id.remove(id),
-            _ => None,
-        })
-        .collect())
+    Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
 }
 
 /// Where an attempt leaves the delivery.
