@@ -2,10 +2,13 @@
 //!
 //! Each request hands its validated notification to the [`Ingestor`] and
 //! waits; a [`Batcher`] writes whatever requests are waiting (up to
-//! [`MAX_BATCH`]) in one statement — one round trip, one commit — then this
-//! module pushes their jobs to Redis in one pipeline and each request is
-//! answered. Every 2xx still means "committed": a request is answered only
-//! after the statement holding it committed.
+//! [`MAX_BATCH`]) in one statement — one round trip, one commit — then each
+//! request is answered and this module pushes their jobs to Redis in one
+//! pipeline, the batch keeping its slot until the push is done. Every 2xx
+//! still means "committed": a request is answered only after the statement
+//! holding it committed. Answering before the push takes the Redis round
+//! trip off every request's latency (ingest +3% in six interleaved pairs);
+//! a push that never happens is the sweeper's, as if Redis were down.
 //!
 //! Postgres does most of the work per round trip, not per row, so this is
 //! what lifts ingest above the one-transaction-per-request ceiling
@@ -90,10 +93,11 @@ impl Ingestor {
     /// Starts the collector on the current runtime.
     #[must_use]
     pub fn start(sinks: Sinks) -> Self {
-        let batcher = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |submissions: Vec<Submission>| {
+        let batcher = Batcher::start_then(MAX_BATCH, MAX_IN_FLIGHT, move |submissions: Vec<Submission>| {
             let sinks = sinks.clone();
             async move {
-                let items: Vec<NewNotificationWithDeliveries> = submissions.iter().map(|s| s.item.clone()).collect();
+                let (items, priorities): (Vec<NewNotificationWithDeliveries>, Vec<Priority>) =
+                    submissions.into_iter().map(|s| (s.item, s.priority)).unzip();
                 let inserted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
                 let accepted = inserted.accepted;
                 // Committed: clients waiting for these users may look now.
@@ -103,36 +107,33 @@ impl Ingestor {
                     sinks.hub.wake(user);
                 }
                 sinks.changes.changed(users);
-                let jobs: Vec<_> = accepted
-                    .iter()
-                    .zip(&submissions)
-                    .map(|(a, s)| (a, s.priority, s.item.notification.request_id.as_deref()))
-                    .collect();
-                enqueue_accepted(&sinks, &jobs, inserted.push_intent).await;
-                Ok(accepted)
+                let jobs = jobs_for(
+                    accepted
+                        .iter()
+                        .zip(priorities.iter().zip(&items))
+                        .map(|(a, (p, i))| (a, *p, i.notification.request_id.as_deref())),
+                );
+                // The callers are answered now, committed; the jobs go to
+                // Redis right after, while the batch still holds its slot.
+                Ok((accepted, push_jobs(sinks, jobs, inserted.push_intent)))
             }
         });
         Self { batcher }
     }
 
     /// Writes one notification as part of the next batch; returns once it
-    /// is committed (and its jobs pushed, if Redis is up).
+    /// is committed (its jobs are pushed right after).
     pub async fn accept(&self, submission: Submission) -> Result<Accepted, Arc<DbError>> {
         self.batcher.submit(submission).await
     }
 }
 
-/// Pushes one job per queued delivery, in one pipeline, then confirms the
-/// batch's push intent. A failure is not the callers' problem: the
-/// deliveries are committed, and the sweeper enqueues the deliveries of an
-/// intent left unconfirmed.
-pub async fn enqueue_accepted(
-    sinks: &Sinks,
-    accepted: &[(&Accepted, Priority, Option<&str>)],
-    push_intent: Option<i64>,
-) {
-    let jobs: Vec<(QueueName, DeliveryJob)> = accepted
-        .iter()
+/// The job of every queued delivery among `accepted`.
+pub fn jobs_for<'a>(
+    accepted: impl IntoIterator<Item = (&'a Accepted, Priority, Option<&'a str>)>,
+) -> Vec<(QueueName, DeliveryJob)> {
+    accepted
+        .into_iter()
         .flat_map(|(a, priority, request_id)| {
             a.deliveries
                 .iter()
@@ -140,7 +141,7 @@ pub async fn enqueue_accepted(
                 .filter_map(move |d| {
                     let channel: Channel = d.channel.parse().ok()?;
                     Some((
-                        QueueName::new(channel, *priority),
+                        QueueName::new(channel, priority),
                         DeliveryJob {
                             delivery_id: d.id.parse().ok()?,
                             attempt: 0,
@@ -149,7 +150,13 @@ pub async fn enqueue_accepted(
                     ))
                 })
         })
-        .collect();
+        .collect()
+}
+
+/// Pushes `jobs` in one pipeline, then confirms the batch's push intent. A
+/// failure is not the callers' problem: the deliveries are committed, and
+/// the sweeper enqueues the deliveries of an intent left unconfirmed.
+pub async fn push_jobs(sinks: Sinks, jobs: Vec<(QueueName, DeliveryJob)>, push_intent: Option<i64>) {
     if jobs.is_empty() {
         return;
     }

@@ -311,12 +311,8 @@ async fn accept_idempotent(
     herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
     tx.commit().await.map_err(herald_db::DbError::from)?;
     let request_id = item.notification.request_id.as_deref();
-    crate::ingest::enqueue_accepted(
-        state.sinks(),
-        &[(&accepted, priority, request_id)],
-        inserted.push_intent,
-    )
-    .await;
+    let jobs = crate::ingest::jobs_for([(&accepted, priority, request_id)]);
+    crate::ingest::push_jobs(state.sinks().clone(), jobs, inserted.push_intent).await;
     Ok(Ok(accepted))
 }
 

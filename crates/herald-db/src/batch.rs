@@ -47,6 +47,22 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<O>, DbError>> + Send + 'static,
     {
+        Self::start_then(max_batch, max_in_flight, move |items| {
+            let answered = run(items);
+            async move { answered.await.map(|outputs| (outputs, std::future::ready(()))) }
+        })
+    }
+
+    /// Like [`Batcher::start`], but `run` also returns work to do after its
+    /// callers are answered: the batch keeps its slot until that work is
+    /// done, so it still counts against `max_in_flight` (the API answers
+    /// once a batch is committed and pushes its jobs to Redis afterwards).
+    pub fn start_then<F, Fut, Then>(max_batch: usize, max_in_flight: usize, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(Vec<O>, Then), DbError>> + Send + 'static,
+        Then: Future<Output = ()> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(8).max(1));
         tokio::spawn(collect(rx, max_batch.max(1), max_in_flight.max(1), Arc::new(run)));
         Self { tx }
@@ -61,7 +77,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
-async fn collect<I, O, F, Fut>(
+async fn collect<I, O, F, Fut, Then>(
     mut rx: mpsc::Receiver<(I, Reply<O>)>,
     max_batch: usize,
     max_in_flight: usize,
@@ -70,7 +86,8 @@ async fn collect<I, O, F, Fut>(
     I: Send + 'static,
     O: Send + 'static,
     F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Vec<O>, DbError>> + Send + 'static,
+    Fut: Future<Output = Result<(Vec<O>, Then), DbError>> + Send + 'static,
+    Then: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max_in_flight));
     // Told whenever a batch finishes.
@@ -114,12 +131,13 @@ async fn collect<I, O, F, Fut>(
             let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.into_iter().unzip();
             let expected = items.len();
             match run(items).await {
-                Ok(outputs) if outputs.len() == expected => {
+                Ok((outputs, then)) if outputs.len() == expected => {
                     for (reply, out) in replies.into_iter().zip(outputs) {
                         let _ = reply.send(Ok(out));
                     }
+                    then.await;
                 }
-                Ok(outputs) => {
+                Ok((outputs, then)) => {
                     let e = Arc::new(DbError::Other(sqlx::Error::Protocol(format!(
                         "a batched statement answered {} results for {expected} items",
                         outputs.len()
@@ -127,6 +145,7 @@ async fn collect<I, O, F, Fut>(
                     for reply in replies {
                         let _ = reply.send(Err(Arc::clone(&e)));
                     }
+                    then.await;
                 }
                 Err(e) => {
                     let e = Arc::new(e);
@@ -276,5 +295,37 @@ mod tests {
             Err(DbError::Other(sqlx::Error::PoolTimedOut))
         });
         assert!(batcher.submit(1).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_are_answered_before_the_follow_up_which_keeps_the_slot() {
+        // The follow-up of the first batch waits until the test lets it go.
+        let (release, released) = tokio::sync::watch::channel(false);
+        let batches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&batches);
+        let batcher = Batcher::start_then(10, 1, move |items: Vec<u32>| {
+            let mut released = released.clone();
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let then = async move {
+                    if n == 0 {
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                };
+                Ok((items, then))
+            }
+        });
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), batcher.submit(1)).await;
+        assert_eq!(first.expect("answered while its follow-up still runs").unwrap(), 1);
+        // With one slot, held by the first batch's follow-up, a second
+        // item cannot start its batch yet.
+        let b = batcher.clone();
+        let second = tokio::spawn(async move { b.submit(2).await.unwrap() });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "the slot was free during the follow-up");
+        assert_eq!(batches.load(std::sync::atomic::Ordering::SeqCst), 1);
+        release.send(true).unwrap();
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), second).await;
+        assert_eq!(second.expect("the slot came back").unwrap(), 2);
     }
 }
