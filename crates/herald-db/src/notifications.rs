@@ -263,6 +263,14 @@ where
     Ok(Inserted { accepted, push_intent })
 }
 
+/// How long a push confirmation waits for others before it is written.
+/// A confirmation only keeps the sweeper (after its 2 s grace) from pushing
+/// a duplicate job, so it can wait: one commit then confirms every batch of
+/// the last tenth of a second, instead of nearly one commit per batch, each
+/// with its own WAL flush beside the accept statements' (ingest +10% in
+/// four interleaved pairs).
+pub const CONFIRM_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The jobs of these batches are in Redis: their push intents are done.
 pub async fn confirm_pushes(pool: &PgPool, intents: &[i64]) -> Result<()> {
     if intents.is_empty() {
