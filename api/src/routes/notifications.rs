@@ -183,23 +183,36 @@ pub async fn create_notification(
     caller: Caller,
     request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
-    ApiJson(raw): ApiJson<serde_json::Value>,
+    ApiJson(raw): ApiJson<Box<serde_json::value::RawValue>>,
 ) -> ApiResult<Response> {
     caller.require("send")?;
-    let idempotency = idempotency_key(&headers)?.map(|key| {
-        // serde_json's maps are sorted, so equal bodies hash equally
-        // whatever their key order or spacing.
-        let hash = Sha256::digest(raw.to_string().as_bytes()).to_vec();
-        (key, hash)
-    });
-    // Through serde_path_to_error, so the message names the field.
-    let req: CreateNotification = serde_path_to_error::deserialize(raw).map_err(|e| {
+    let idempotency_key = idempotency_key(&headers)?;
+    // The body is already checked to be JSON (else 400 malformed_json); it
+    // is parsed straight into the request type, through
+    // serde_path_to_error so the message names the field.
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let req: CreateNotification = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
             format!("the body does not match the expected shape: {e}"),
         )
     })?;
+    let idempotency = match idempotency_key {
+        None => None,
+        Some(key) => {
+            // serde_json's maps are sorted, so equal bodies hash equally
+            // whatever their key order or spacing.
+            let canonical: serde_json::Value = serde_json::from_str(raw.get()).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON: {e}"),
+                )
+            })?;
+            Some((key, Sha256::digest(canonical.to_string().as_bytes()).to_vec()))
+        }
+    };
     let v = validate(req)?;
     let request_id = request_id.and_then(|Extension(r)| r.header_value().to_str().ok().map(str::to_owned));
 
