@@ -715,11 +715,11 @@ impl Bench {
     /// `--connections` could form, to show how much batching alone leaves.
     async fn ceiling(&mut self) -> anyhow::Result<()> {
         let url = self.db.url.clone();
-        // The API: two batches in flight (api/src/ingest.rs), so at most
-        // half the connections' requests per statement.
+        // The API: three batches in flight (api/src/ingest.rs), so at
+        // most a third of the connections' requests per statement.
         let api = ceiling::Shape {
-            batch: (self.args.connections / 2).max(1),
-            in_flight: 2,
+            batch: (self.args.connections / 3).max(1),
+            in_flight: 3,
         };
         // The workers: the email worker's 64 deliveries at once (push and
         // in-app take 256; HERALD_WORKER_CONCURRENCY), one claim and one

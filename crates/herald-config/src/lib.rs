@@ -35,7 +35,7 @@ macro_rules! variables {
 variables! {
     "HERALD_ENV" = Some("development"), "`development` or `production`; production refuses the file transports and the development API key.";
     "DATABASE_URL" = Some("postgres://postgres@127.0.0.1:5432/herald"), "Postgres connection URL (the database is created if missing when HERALD_ENV=development).";
-    "HERALD_DB_MAX_CONNECTIONS" = Some("16"), "Postgres pool size per process (the API holds 3 more, for its group commit).";
+    "HERALD_DB_MAX_CONNECTIONS" = Some("16"), "Postgres pool size per process (the API holds 4 more, for its group commit).";
     "REDIS_URL" = Some("redis://127.0.0.1:6379"), "Redis connection URL (queues and pub/sub).";
     "HERALD_QUEUE_PREFIX" = Some("herald"), "Prefix of every Redis key Herald writes.";
     "HERALD_BIND" = Some("127.0.0.1:8080"), "Address the API listens on.";
