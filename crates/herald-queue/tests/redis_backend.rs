@@ -528,6 +528,71 @@ async fn an_idle_worker_picks_up_a_push_within_milliseconds() {
     worker.stop().await;
 }
 
+/// An idle worker woken by a push to one of its queues looks at that queue
+/// once: one fetch script run (counted with MONITOR, which sees every
+/// command the server runs), not a walk through its empty queues nor a
+/// second round. On a two-core machine those runs compete with the claim
+/// for the CPU at the very moment latency is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_woken_for_one_queue_runs_one_fetch() {
+    use futures::StreamExt;
+    let prefix = TestPrefix::new("onefetch");
+    let cfg = QueueConfig {
+        idle_poll: Duration::from_secs(30),
+        ..prefix.cfg.clone()
+    };
+    let client = prefix.client();
+    let started = Arc::new(Mutex::new(HashSet::<DeliveryId>::new()));
+    let worker = TestWorker::start(&cfg, QueueName::for_channel(Channel::Email).to_vec(), 4, {
+        let started = started.clone();
+        move |task: Fetched| {
+            let started = started.clone();
+            async move {
+                started.lock().unwrap().insert(task.job.delivery_id);
+                Ok::<(), BoxDynError>(())
+            }
+        }
+    });
+    // Its first look at every queue, then idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let monitor = redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let scripts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let watch = tokio::spawn({
+        let (scripts, prefix) = (scripts.clone(), cfg.prefix.clone());
+        async move {
+            let mut lines = monitor.into_on_message::<String>();
+            while let Some(line) = lines.next().await {
+                if line.contains("\"EVALSHA\"") && line.contains(&prefix) {
+                    scripts.lock().unwrap().push(line);
+                }
+            }
+        }
+    });
+    for (i, (priority, job)) in [Priority::Low, Priority::High, Priority::Normal]
+        .into_iter()
+        .zip(new_jobs(3))
+        .enumerate()
+    {
+        client.enqueue(&[(email(priority), job.clone())]).await.unwrap();
+        wait_until(Duration::from_secs(5), "the pushed job", || {
+            started.lock().unwrap().contains(&job.delivery_id)
+        })
+        .await;
+        // Room for any further rounds to show.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = scripts.lock().unwrap().clone();
+        assert_eq!(seen.len(), i + 1, "one fetch per push to an idle worker: {seen:#?}");
+        let ready = email(priority).keys(&cfg.prefix).ready.clone();
+        assert!(seen[i].contains(&ready), "it fetched {ready}: {}", seen[i]);
+    }
+    watch.abort();
+    worker.stop().await;
+}
+
 /// The wake-up names the priorities that got jobs, so an idle worker
 /// fetches those queues first instead of walking through empty ones.
 #[tokio::test]

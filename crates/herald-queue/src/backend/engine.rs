@@ -51,8 +51,11 @@ pub(crate) struct Engine {
     by_priority: Vec<usize>,
     round: usize,
     /// Priorities that wake-ups said got jobs while this engine was idle:
-    /// the next round fetches their queues first.
+    /// the next round fetches only their queues.
     hint: u8,
+    /// Per queue, from its last fetch: when a job of it becomes ready by
+    /// itself (a delayed job due, a lease expiring), if ever.
+    due: Vec<Option<u64>>,
     idle_until: Option<Instant>,
     next_heartbeat: Instant,
     heartbeats: u64,
@@ -73,6 +76,7 @@ impl Engine {
         let weights: Vec<u32> = slots.iter().map(|s| weight(s.name)).collect();
         let mut by_priority: Vec<usize> = (0..slots.len()).collect();
         by_priority.sort_by_key(|&i| std::cmp::Reverse(weights[i]));
+        let queues = slots.len();
         Self {
             conn: Conn::new(client, connection_name(&worker_id)),
             cfg,
@@ -84,6 +88,7 @@ impl Engine {
             slots,
             round: 0,
             hint: 0,
+            due: vec![None; queues],
             idle_until: None,
             next_heartbeat: Instant::now(),
             heartbeats: 0,
@@ -185,20 +190,32 @@ impl Engine {
 
     /// One fetch round: the round's primary queue first, then the others by
     /// priority for whatever is still wanted. One script run per queue.
+    ///
+    /// An engine woken from idle looks only at the queues the wake-up named:
+    /// every queue was empty at its last look, and a push to another names
+    /// that one. And when every queue it looked at gave fewer jobs than
+    /// asked, with nothing due, the engine goes idle at once rather than
+    /// looking again: those queues are empty, and the next push wakes it.
+    /// Idle, a notification costs each worker one script run instead of
+    /// six (three queues, twice), at the moment the three workers, the API
+    /// and Postgres all want the two cores.
     async fn fetch(&mut self, want: usize) -> RedisResult<usize> {
         let mut conn = self.conn.get().await?;
         let primary = self.schedule[self.round % self.schedule.len()];
         self.round = self.round.wrapping_add(1);
         let hint = std::mem::take(&mut self.hint);
-        let order = fetch_order(primary, &self.by_priority, |s| {
-            hint & priority_bit(self.slots[s].name.priority) != 0
-        });
+        let named = |s: usize| hint & priority_bit(self.slots[s].name.priority) != 0;
+        let mut order = fetch_order(primary, &self.by_priority, named);
+        if hint != 0 {
+            order.retain(|&s| named(s));
+        }
         let lease = ms(self.cfg.lease);
         let mut got = 0;
-        let mut next_due: Option<u64> = None;
+        let mut drained = true;
         for slot in order {
             let left = want.saturating_sub(got);
             if left == 0 {
+                drained = false;
                 break;
             }
             let keys = &self.slots[slot].keys;
@@ -226,11 +243,15 @@ impl Engine {
                     "jobs with an expired lease came back"
                 );
             }
-            for due in [field(3), field(4)] {
-                if let Ok(due) = due.parse::<u64>() {
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            let mut due: Option<u64> = None;
+            for at in [field(3), field(4)] {
+                if let Ok(at) = at.parse::<u64>() {
+                    due = Some(due.map_or(at, |d| d.min(at)));
                 }
             }
+            self.due[slot] = due;
+            // Fewer than asked and nothing due now: this queue is empty.
+            drained &= reply.len().saturating_sub(5) < left && due.is_none_or(|d| d > now);
             let (mut fetched, mut buried) = (Vec::new(), Vec::new());
             for member in reply.into_iter().skip(5) {
                 let member: Arc<str> = member.into();
@@ -281,10 +302,11 @@ impl Engine {
                 waker.wake();
             }
         }
-        self.idle_until = if got == 0 {
-            // Nothing now: sleep until a wake-up, the next due job or lease
-            // expiry, or the fallback poll, whichever is first.
-            let wait = next_due.map_or(self.cfg.idle_poll, |due| {
+        self.idle_until = if got == 0 || drained {
+            // Nothing (more) now: sleep until a wake-up, the next due job or
+            // lease expiry of any queue, or the fallback poll, whichever is
+            // first.
+            let wait = self.due.iter().flatten().min().map_or(self.cfg.idle_poll, |&due| {
                 Duration::from_millis(due.saturating_sub(now_ms())).min(self.cfg.idle_poll)
             });
             Some(Instant::now() + wait.max(MIN_IDLE))
@@ -324,9 +346,11 @@ impl Engine {
                 }
                 drop(st);
                 if rescheduled {
-                    // Look again: a handback may be due before the current
-                    // idle sleep ends, and a returned job is ready now.
+                    // Look again, at every queue: a handback may be due
+                    // before the current idle sleep ends, and a returned
+                    // job is ready now.
                     self.idle_until = None;
+                    self.hint = 0;
                 }
                 Ok(())
             }

@@ -32,6 +32,13 @@ pub(crate) fn priority_bit(p: herald_core::Priority) -> u8 {
     1 << (p as u8)
 }
 
+/// Every priority's bit: a wake-up that names none means "look everywhere".
+pub(crate) fn all_priority_bits() -> u8 {
+    herald_core::Priority::ALL
+        .iter()
+        .fold(0, |bits, &p| bits | priority_bit(p))
+}
+
 /// Where a settled job goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MoveKind {
@@ -129,15 +136,21 @@ impl Shared {
         self.fetch_batch / 2
     }
 
+    /// A wake-up that names no queue: an idle engine looks at all of them.
     pub fn wake_engine(&self) {
-        self.wake.store(true, Ordering::SeqCst);
-        self.notify.notify_one();
+        self.wake_engine_for(0);
     }
 
-    /// A wake-up that names the priorities that got jobs.
+    /// A wake-up that names the priorities that got jobs (none: all).
     pub fn wake_engine_for(&self, priorities: u8) {
-        self.hinted.fetch_or(priorities, Ordering::SeqCst);
-        self.wake_engine();
+        let bits = if priorities == 0 {
+            all_priority_bits()
+        } else {
+            priorities
+        };
+        self.hinted.fetch_or(bits, Ordering::SeqCst);
+        self.wake.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
     }
 
     /// The handler returned `Ok`: remove the job for good (batched).
