@@ -175,3 +175,55 @@ async fn the_accept_plan_looks_recipients_up_by_index_even_on_empty_tables() {
     assert!(!plan.contains("Join Filter"), "{plan}");
     assert!(!plan.contains("Nested Loop"), "{plan}");
 }
+
+/// The batchers' connections (`herald_db::held`) are kept between
+/// statements: the next statement runs on the same backend, without the
+/// round trip sqlx spends testing a connection given back to its pool. A
+/// connection whose statement failed is not kept, and one that broke while
+/// kept (its backend terminated) is replaced before its next statement.
+#[tokio::test]
+async fn held_connections_are_reused_and_a_broken_one_is_replaced() {
+    use herald_db::held::Held;
+    let db = TestDb::new().await;
+    let held = Held::new(herald_db::connect_lazy_planned_once(&db.url, 2).unwrap());
+    let pid_of = async |held: &Held| -> (i32, herald_db::held::HeldConn) {
+        let mut conn = held.acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        (pid, conn)
+    };
+
+    let (first, conn) = pid_of(&held).await;
+    conn.keep();
+    assert_eq!(held.kept(), 1);
+    let (again, conn) = pid_of(&held).await;
+    assert_eq!(held.kept(), 0, "taken while in use");
+    assert_eq!(again, first, "the kept connection is the one used next");
+    conn.keep();
+
+    // A failed statement: its connection goes back to the pool, not here.
+    let mut conn = held.acquire().await.unwrap();
+    let failed = sqlx::query("SELECT no_such_column FROM notifications")
+        .execute(&mut *conn)
+        .await;
+    assert!(failed.is_err());
+    drop(conn);
+    assert_eq!(held.kept(), 0);
+
+    // Kept, then broken: replaced once it has sat for the ping interval.
+    let (pid, conn) = pid_of(&held).await;
+    conn.keep();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+    tokio::time::sleep(herald_db::PING_IF_IDLE_FOR + std::time::Duration::from_millis(100)).await;
+    let (fresh, conn) = pid_of(&held).await;
+    assert_ne!(fresh, pid, "a working connection, not the terminated one");
+    conn.keep();
+    db.drop_db().await;
+}

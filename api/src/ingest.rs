@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use herald_core::{Channel, Priority};
 use herald_db::DbError;
 use herald_db::batch::Batcher;
+use herald_db::held::Held;
 use herald_db::notifications::CONFIRM_LINGER;
 use herald_db::notifications::{Accepted, NewNotificationWithDeliveries};
 use herald_queue::{DeliveryJob, QueueClient, QueueName, UserChanges};
@@ -58,8 +59,9 @@ pub struct Ingestor {
 #[derive(Clone)]
 pub struct Sinks {
     /// The group commit's own connections ([`INGEST_CONNECTIONS`]), which
-    /// plan the accept statement once (`herald_db::connect_lazy_planned_once`).
-    pub pool: PgPool,
+    /// plan the accept statement once (`herald_db::connect_lazy_planned_once`),
+    /// kept between statements (`herald_db::held`: no ping after each).
+    pub held: Held,
     pub queue: QueueClient,
     /// Set while enqueueing fails, so an outage is logged once.
     pub redis_down: Arc<AtomicBool>,
@@ -76,21 +78,24 @@ impl Sinks {
     /// Starts the push confirmations (on the current runtime).
     #[must_use]
     pub fn new(pool: PgPool, queue: QueueClient, hub: crate::hub::Hub, changes: UserChanges) -> Self {
-        let p = pool.clone();
+        let held = Held::new(pool);
+        let h = held.clone();
         // One statement at a time, after a linger: a confirmation is never
         // urgent (an unconfirmed batch only costs the sweeper a duplicate
         // job, after its grace period), so the intents that arrive while
         // one lingers or runs are merged into the next.
         let confirmations = Batcher::start(CONFIRMATIONS_PER_STATEMENT, 1, move |intents: Vec<i64>| {
-            let p = p.clone();
+            let h = h.clone();
             async move {
                 tokio::time::sleep(CONFIRM_LINGER).await;
-                herald_db::notifications::confirm_pushes(&p, &intents).await?;
+                let mut conn = h.acquire().await?;
+                herald_db::notifications::confirm_pushes(&mut *conn, &intents).await?;
+                conn.keep();
                 Ok(vec![(); intents.len()])
             }
         });
         Self {
-            pool,
+            held,
             queue,
             redis_down: Arc::default(),
             hub,
@@ -109,7 +114,9 @@ impl Ingestor {
             async move {
                 let (items, priorities): (Vec<NewNotificationWithDeliveries>, Vec<Priority>) =
                     submissions.into_iter().map(|s| (s.item, s.priority)).unzip();
-                let inserted = herald_db::notifications::insert_notifications(&sinks.pool, &items).await?;
+                let mut conn = sinks.held.acquire().await?;
+                let inserted = herald_db::notifications::insert_notifications(&mut *conn, &items).await?;
+                conn.keep();
                 let accepted = inserted.accepted;
                 // Committed: clients waiting for these users may look now.
                 // One event for the whole batch, sent off this path.

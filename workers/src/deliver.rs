@@ -11,6 +11,7 @@ use herald_core::validate::mask_email;
 use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
 use herald_db::batch::Batcher;
 use herald_db::deliveries::{AttemptResult, ClaimedDelivery, InboxDelivered, NextState, Recorded};
+use herald_db::held::Held;
 use herald_queue::{DeliveryJob, QueueClient, QueueName, UserChanges, WorkerId};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -77,18 +78,22 @@ impl Batches {
     /// for one plan).
     fn start(planned_once: &PgPool, queue: &QueueClient, worker_id: &WorkerId, lease: Duration) -> Self {
         let changes = UserChanges::start(queue.clone());
-        let p = planned_once.clone();
+        // Kept between statements (no ping after each: `herald_db::held`).
+        let held = Held::new(planned_once.clone());
+        let p = held.clone();
         let c = changes.clone();
         let (w, lease_secs) = (worker_id.to_string(), lease.as_secs_f64());
         let claims = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
             let (p, w, c) = (p.clone(), w.clone(), c.clone());
             async move {
-                let claimed = herald_db::deliveries::claim_deliveries(&p, &jobs, lease_secs, &w).await?;
+                let mut conn = p.acquire().await?;
+                let claimed = herald_db::deliveries::claim_deliveries(&mut *conn, &jobs, lease_secs, &w).await?;
+                conn.keep();
                 c.changed(claimed.iter().flatten().map(|d| d.user_id.clone()));
                 Ok(claimed)
             }
         });
-        let p = planned_once.clone();
+        let p = held.clone();
         let c = changes.clone();
         let records = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |items: Vec<(AttemptResult, String)>| {
             let (p, c) = (p.clone(), c.clone());
@@ -101,8 +106,14 @@ impl Batches {
                 // statement is fenced on `sending` and the attempt, so a
                 // first try that did commit makes the second find nothing
                 // (stale), and the sweeper enqueues a retry it then owes.
-                let recorded = match herald_db::deliveries::record_attempts(&p, &results).await {
-                    Err(e) if e.is_unavailable() => herald_db::deliveries::record_attempts(&p, &results).await?,
+                let record = async || -> herald_db::Result<Vec<Recorded>> {
+                    let mut conn = p.acquire().await?;
+                    let recorded = herald_db::deliveries::record_attempts(&mut *conn, &results).await?;
+                    conn.keep();
+                    Ok(recorded)
+                };
+                let recorded: Vec<Recorded> = match record().await {
+                    Err(e) if e.is_unavailable() => record().await?,
                     outcome => outcome?,
                 };
                 c.changed(
@@ -115,12 +126,14 @@ impl Batches {
                 Ok(recorded)
             }
         });
-        let p = planned_once.clone();
+        let p = held;
         let w = worker_id.to_string();
         let in_app = Batcher::start(MAX_BATCH, MAX_IN_FLIGHT, move |jobs: Vec<(String, i32)>| {
             let (p, w, c) = (p.clone(), w.clone(), changes.clone());
             async move {
-                let done = herald_db::deliveries::deliver_in_app(&p, &jobs, &w).await?;
+                let mut conn = p.acquire().await?;
+                let done = herald_db::deliveries::deliver_in_app(&mut *conn, &jobs, &w).await?;
+                conn.keep();
                 c.changed(done.iter().flatten().map(|d| d.user_id.clone()));
                 Ok(done)
             }

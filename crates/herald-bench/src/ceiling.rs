@@ -53,13 +53,16 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
     let confirmer = {
         let (pool, intents, inserting) = (pool.clone(), intents.clone(), inserting.clone());
         tokio::spawn(async move {
+            // One connection for the whole run, as Herald keeps its own
+            // (`herald_db::held`): no ping after every statement.
+            let mut conn = pool.acquire().await?;
             loop {
                 let done = !inserting.load(Ordering::SeqCst);
                 if !done {
                     tokio::time::sleep(herald_db::notifications::CONFIRM_LINGER).await;
                 }
                 let batch = std::mem::take(&mut *intents.lock().expect("intents"));
-                herald_db::notifications::confirm_pushes(&pool, &batch).await?;
+                herald_db::notifications::confirm_pushes(&mut *conn, &batch).await?;
                 if done {
                     return anyhow::Ok(());
                 }
@@ -70,6 +73,7 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
     for _ in 0..shape.in_flight {
         let (pool, left, users, intents) = (pool.clone(), left.clone(), users.clone(), intents.clone());
         tasks.spawn(async move {
+            let mut conn = pool.acquire().await?;
             loop {
                 let batch = shape.batch as u64;
                 let take = left
@@ -83,7 +87,7 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
                 let items: Vec<NewNotificationWithDeliveries> = (0..take)
                     .map(|i| notification(&users[i as usize % users.len()]))
                     .collect();
-                let inserted = insert_notifications(&pool, &items).await?;
+                let inserted = insert_notifications(&mut *conn, &items).await?;
                 intents.lock().expect("intents").extend(inserted.push_intent);
             }
             anyhow::Ok(())
@@ -183,15 +187,16 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
         for _ in 0..loops {
             let (planned_once, chunks, channel) = (planned_once.clone(), chunks.clone(), *channel);
             tasks.spawn(async move {
+                let mut conn = planned_once.acquire().await?;
                 loop {
                     let Some(jobs) = chunks.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                         break;
                     };
                     if channel == "in_app" {
-                        deliver_in_app(&planned_once, &jobs, "ceiling").await?;
+                        deliver_in_app(&mut *conn, &jobs, "ceiling").await?;
                         continue;
                     }
-                    let claimed = claim_deliveries(&planned_once, &jobs, 60.0, "ceiling").await?;
+                    let claimed = claim_deliveries(&mut *conn, &jobs, 60.0, "ceiling").await?;
                     let results: Vec<AttemptResult> = claimed
                         .into_iter()
                         .flatten()
@@ -205,7 +210,7 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
                             detail: None,
                         })
                         .collect();
-                    record_attempts(&planned_once, &results).await?;
+                    record_attempts(&mut *conn, &results).await?;
                 }
                 anyhow::Ok(())
             });

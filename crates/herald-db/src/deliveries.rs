@@ -121,8 +121,8 @@ pub const CLAIM_SQL: &str = "WITH c AS (
 /// answer per job, in order. Of two identical jobs in a batch only the
 /// first claims; of two for one delivery with different attempts, the one
 /// whose attempt the delivery is at.
-pub async fn claim_deliveries(
-    pool: &PgPool,
+pub async fn claim_deliveries<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
     jobs: &[(String, i32)],
     lease_secs: f64,
     worker_id: &str,
@@ -133,7 +133,7 @@ pub async fn claim_deliveries(
         .bind(attempts_by_id(jobs))
         .bind(lease_secs)
         .bind(worker_id)
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
     Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
 }
@@ -231,8 +231,8 @@ pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
 /// and the job is tried again. The fencing is the claim's: a stale or
 /// duplicate job matches no row. One answer per job, in order; `None` for a
 /// stale job. The statement is [`DELIVER_IN_APP_SQL`].
-pub async fn deliver_in_app(
-    pool: &PgPool,
+pub async fn deliver_in_app<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
     jobs: &[(String, i32)],
     worker_id: &str,
 ) -> Result<Vec<Option<InboxDelivered>>> {
@@ -241,7 +241,7 @@ pub async fn deliver_in_app(
         .bind(&ids)
         .bind(attempts_by_id(jobs))
         .bind(worker_id)
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
     Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
 }
@@ -384,14 +384,17 @@ pub fn results_by_attempt(results: &[AttemptResult]) -> serde_json::Value {
 
 /// [`record_attempt`] for many attempts in one statement ([`RECORD_SQL`]);
 /// one answer each, in order.
-pub async fn record_attempts(pool: &PgPool, results: &[AttemptResult]) -> Result<Vec<Recorded>> {
+pub async fn record_attempts<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    results: &[AttemptResult],
+) -> Result<Vec<Recorded>> {
     let mut ids: Vec<&str> = results.iter().map(|r| r.delivery_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
     let moved: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(RECORD_SQL)
         .bind(&ids)
         .bind(results_by_attempt(results))
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await?;
     let mut by_id: std::collections::HashMap<(String, i32), Option<DateTime<Utc>>> =
         moved.into_iter().map(|(id, a, next)| ((id, a), next)).collect();

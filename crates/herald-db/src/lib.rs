@@ -16,6 +16,7 @@ pub mod admin;
 pub mod api_keys;
 pub mod batch;
 pub mod deliveries;
+pub mod held;
 pub mod inbox;
 pub mod notifications;
 pub mod replays;

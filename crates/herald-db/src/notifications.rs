@@ -272,13 +272,13 @@ where
 pub const CONFIRM_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The jobs of these batches are in Redis: their push intents are done.
-pub async fn confirm_pushes(pool: &PgPool, intents: &[i64]) -> Result<()> {
+pub async fn confirm_pushes<'e, E: sqlx::PgExecutor<'e>>(executor: E, intents: &[i64]) -> Result<()> {
     if intents.is_empty() {
         return Ok(());
     }
     sqlx::query("DELETE FROM push_intents WHERE id = ANY($1)")
         .bind(intents)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }

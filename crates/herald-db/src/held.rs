@@ -1,0 +1,119 @@
+//! Connections a hot path keeps between its statements.
+//!
+//! sqlx tests every connection given back to its pool with a ping: a Sync
+//! message and its answer, one more round trip after every statement, with
+//! the Postgres backend woken to answer it and the connection unusable
+//! until it has. The batchers run one statement after another on the same
+//! few connections, so they take them from a [`Held`] instead: a connection
+//! whose statement succeeded goes straight back to the `Held`, unpinged;
+//! one whose statement failed, or whose future was dropped half way, goes
+//! back to sqlx's pool by the usual path, which tests it and discards it if
+//! it is broken. A connection that sat unused for [`PING_IF_IDLE_FOR`] is
+//! pinged before its next statement, as the pool does
+//! ([`connect_lazy`](crate::connect_lazy)).
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+use crate::{PING_IF_IDLE_FOR, Result};
+
+/// Connections kept, each with when it was last given back.
+type Kept = Arc<Mutex<Vec<(PoolConnection<Postgres>, Instant)>>>;
+
+/// A pool's connections kept between statements. Cheap to clone; clones
+/// share the kept connections.
+#[derive(Clone)]
+pub struct Held {
+    pool: PgPool,
+    idle: Kept,
+}
+
+impl Held {
+    /// Keeps connections of `pool` (at most as many as run statements at
+    /// once: each statement takes one and gives it back).
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            idle: Arc::default(),
+        }
+    }
+
+    /// The pool the connections come from.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A kept connection if there is one (pinged first if it sat unused a
+    /// while), else one from the pool.
+    pub async fn acquire(&self) -> Result<HeldConn> {
+        loop {
+            let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some((mut conn, since)) = kept else { break };
+            if since.elapsed() < PING_IF_IDLE_FOR || conn.ping().await.is_ok() {
+                return Ok(self.wrap(conn));
+            }
+            // Broken while it sat here (Postgres restarted): close it, try
+            // the next.
+            conn.close_on_drop();
+        }
+        let conn = self.pool.acquire().await?;
+        Ok(self.wrap(conn))
+    }
+
+    /// Connections kept now (for tests).
+    #[must_use]
+    pub fn kept(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn wrap(&self, conn: PoolConnection<Postgres>) -> HeldConn {
+        HeldConn {
+            conn: Some(conn),
+            home: Arc::clone(&self.idle),
+        }
+    }
+}
+
+/// A connection taken from a [`Held`]. Call [`keep`](Self::keep) once its
+/// statement succeeded; dropped without it, it goes back to the pool,
+/// which tests it.
+pub struct HeldConn {
+    conn: Option<PoolConnection<Postgres>>,
+    home: Kept,
+}
+
+impl HeldConn {
+    /// The statement succeeded: the connection is ready for the next one.
+    pub fn keep(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.home
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((conn, Instant::now()));
+        }
+    }
+}
+
+impl Deref for HeldConn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn
+            .as_ref()
+            .expect("a HeldConn holds its connection until kept or dropped")
+    }
+}
+
+impl DerefMut for HeldConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("a HeldConn holds its connection until kept or dropped")
+    }
+}
