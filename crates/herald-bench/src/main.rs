@@ -1139,7 +1139,7 @@ impl Bench {
             self.start_workers()?;
         }
         self.workers_ready().await?;
-        let mut sender = load::connect(self.api_addr).await?;
+        let mut sender = load::Poster::connect(&self.target).await?;
         let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
         // Per delivery: (channel, POST sent (wall clock, s), 202 after ms,
         // receipt after ms), to split the latency at the database's own
@@ -1154,7 +1154,7 @@ impl Bench {
             let sent_wall = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            let (status, answer) = load::post(&mut sender, &self.target, body).await?;
+            let (status, answer) = sender.post(&body).await?;
             let answered_ms = t0.elapsed().as_secs_f64() * 1000.0;
             if status != 202 {
                 bail!("idle POST answered {status}: {}", String::from_utf8_lossy(&answer));
