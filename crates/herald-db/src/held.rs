@@ -10,19 +10,32 @@
 //! back to sqlx's pool by the usual path, which tests it and discards it if
 //! it is broken. A connection that sat unused for [`PING_IF_IDLE_FOR`] is
 //! pinged before its next statement, as the pool does
-//! ([`connect_lazy`](crate::connect_lazy)).
+//! ([`connect_lazy`](crate::connect_lazy)), and one kept for
+//! [`RECYCLE_AFTER`] goes back to the pool, which closes connections past
+//! their lifetime (sqlx's default: 30 minutes), so a kept connection does
+//! not outlive what the pool would allow.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use crate::{PING_IF_IDLE_FOR, Result};
 
-/// Connections kept, each with when it was last given back.
-type Kept = Arc<Mutex<Vec<(PoolConnection<Postgres>, Instant)>>>;
+/// Connections kept, each with when it was first taken from the pool and
+/// when it was last given back.
+type Kept = Arc<Mutex<Vec<Idle>>>;
+
+struct Idle {
+    conn: PoolConnection<Postgres>,
+    taken: Instant,
+    since: Instant,
+}
+
+/// A connection kept this long is given back to the pool instead of used.
+pub const RECYCLE_AFTER: Duration = Duration::from_secs(30 * 60);
 
 /// A pool's connections kept between statements. Cheap to clone; clones
 /// share the kept connections.
@@ -54,16 +67,23 @@ impl Held {
     pub async fn acquire(&self) -> Result<HeldConn> {
         loop {
             let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some((mut conn, since)) = kept else { break };
+            let Some(Idle { mut conn, taken, since }) = kept else {
+                break;
+            };
+            if taken.elapsed() >= RECYCLE_AFTER {
+                // Back to the pool, which closes it once past its lifetime.
+                drop(conn);
+                continue;
+            }
             if since.elapsed() < PING_IF_IDLE_FOR || conn.ping().await.is_ok() {
-                return Ok(self.wrap(conn));
+                return Ok(self.wrap(conn, taken));
             }
             // Broken while it sat here (Postgres restarted): close it, try
             // the next.
             conn.close_on_drop();
         }
         let conn = self.pool.acquire().await?;
-        Ok(self.wrap(conn))
+        Ok(self.wrap(conn, Instant::now()))
     }
 
     /// Connections kept now (for tests).
@@ -72,9 +92,10 @@ impl Held {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn wrap(&self, conn: PoolConnection<Postgres>) -> HeldConn {
+    fn wrap(&self, conn: PoolConnection<Postgres>, taken: Instant) -> HeldConn {
         HeldConn {
             conn: Some(conn),
+            taken,
             home: Arc::clone(&self.idle),
         }
     }
@@ -85,6 +106,7 @@ impl Held {
 /// which tests it.
 pub struct HeldConn {
     conn: Option<PoolConnection<Postgres>>,
+    taken: Instant,
     home: Kept,
 }
 
@@ -92,10 +114,11 @@ impl HeldConn {
     /// The statement succeeded: the connection is ready for the next one.
     pub fn keep(mut self) {
         if let Some(conn) = self.conn.take() {
-            self.home
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((conn, Instant::now()));
+            self.home.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+                conn,
+                taken: self.taken,
+                since: Instant::now(),
+            });
         }
     }
 }
