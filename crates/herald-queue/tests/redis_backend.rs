@@ -101,6 +101,23 @@ impl TestWorker {
         Self { id, stop, handle }
     }
 
+    /// A worker on the email queues whose handler only records each job's
+    /// delivery id.
+    fn recording(cfg: &QueueConfig, concurrency: usize) -> (Self, Arc<Mutex<HashSet<DeliveryId>>>) {
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let worker = Self::start(cfg, QueueName::for_channel(Channel::Email).to_vec(), concurrency, {
+            let seen = seen.clone();
+            move |task: Fetched| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().insert(task.job.delivery_id);
+                    Ok::<(), BoxDynError>(())
+                }
+            }
+        });
+        (worker, seen)
+    }
+
     fn is_running(&self) -> bool {
         !self.handle.is_finished()
     }
@@ -542,17 +559,7 @@ async fn an_idle_worker_woken_for_one_queue_runs_one_fetch() {
         ..prefix.cfg.clone()
     };
     let client = prefix.client();
-    let started = Arc::new(Mutex::new(HashSet::<DeliveryId>::new()));
-    let worker = TestWorker::start(&cfg, QueueName::for_channel(Channel::Email).to_vec(), 4, {
-        let started = started.clone();
-        move |task: Fetched| {
-            let started = started.clone();
-            async move {
-                started.lock().unwrap().insert(task.job.delivery_id);
-                Ok::<(), BoxDynError>(())
-            }
-        }
-    });
+    let (worker, started) = TestWorker::recording(&cfg, 4);
     // Its first look at every queue, then idle.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let monitor = redis::Client::open(REDIS_URL)
@@ -1077,18 +1084,8 @@ async fn a_worker_started_before_redis_survives_a_redis_restart() {
     };
     let client = QueueClient::new(cfg.clone()).unwrap();
     let queue = email(Priority::High);
-    let seen = Arc::new(Mutex::new(HashSet::new()));
     // Redis is not running yet: the worker must wait for it, not exit.
-    let worker = TestWorker::start(&cfg, QueueName::for_channel(Channel::Email).to_vec(), 8, {
-        let seen = seen.clone();
-        move |task: Fetched| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap().insert(task.job.delivery_id);
-                Ok::<(), BoxDynError>(())
-            }
-        }
-    });
+    let (worker, seen) = TestWorker::recording(&cfg, 8);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(worker.is_running());
     redis.start().await;
