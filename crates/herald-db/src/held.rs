@@ -37,6 +37,12 @@ struct Idle {
 /// A connection kept this long is given back to the pool instead of used.
 pub const RECYCLE_AFTER: Duration = Duration::from_secs(30 * 60);
 
+/// How long the ping of a connection that sat unused may take: as long as
+/// the pool's own acquire may (`connect_lazy`), so a connection to a peer
+/// that went silent (no reset, packets dropped) is given up, not waited on
+/// until TCP gives up minutes later.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A pool's connections kept between statements. Cheap to clone; clones
 /// share the kept connections.
 #[derive(Clone)]
@@ -75,7 +81,9 @@ impl Held {
                 drop(conn);
                 continue;
             }
-            if since.elapsed() < PING_IF_IDLE_FOR || conn.ping().await.is_ok() {
+            if since.elapsed() < PING_IF_IDLE_FOR
+                || matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+            {
                 return Ok(self.wrap(conn, taken));
             }
             // Broken while it sat here (Postgres restarted): close it, try

@@ -600,6 +600,65 @@ async fn an_idle_worker_woken_for_one_queue_runs_one_fetch() {
     worker.stop().await;
 }
 
+/// Jobs also become ready without a wake-up (another worker's handbacks
+/// and returns): however often wake-ups name only other queues, an idle
+/// worker still looks at every queue once per idle poll. Here a job appears
+/// on the low queue with no wake-up (moved in from another prefix's queue)
+/// while a high job is pushed every 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ready_without_a_wake_up_is_found_within_the_idle_poll() {
+    let prefix = TestPrefix::new("nowake");
+    let elsewhere = TestPrefix::new("nowake-src");
+    let cfg = QueueConfig {
+        idle_poll: Duration::from_millis(300),
+        ..prefix.cfg.clone()
+    };
+    let client = prefix.client();
+    let (worker, seen) = TestWorker::recording(&cfg, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pushing = tokio::spawn({
+        let client = client.clone();
+        async move {
+            for job in new_jobs(40) {
+                client.enqueue(&[(email(Priority::High), job)]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = new_jobs(1).remove(0);
+    elsewhere
+        .client()
+        .enqueue(&[(email(Priority::Low), quiet.clone())])
+        .await
+        .unwrap();
+    let mut conn = redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let moved: Option<String> = redis::cmd("LMOVE")
+        .arg(&email(Priority::Low).keys(&elsewhere.cfg.prefix).ready)
+        .arg(&email(Priority::Low).keys(&cfg.prefix).ready)
+        .arg("RIGHT")
+        .arg("LEFT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(moved.is_some(), "the job was moved in");
+    let appeared = Instant::now();
+    wait_until(
+        Duration::from_millis(1_500),
+        "the job that came without a wake-up",
+        || seen.lock().unwrap().contains(&quiet.delivery_id),
+    )
+    .await;
+    println!("found after {:?} (idle poll 300 ms)", appeared.elapsed());
+    assert!(!pushing.is_finished(), "found while wake-ups for high still came");
+    pushing.abort();
+    worker.stop().await;
+}
+
 /// The wake-up names the priorities that got jobs, so an idle worker
 /// fetches those queues first instead of walking through empty ones.
 #[tokio::test]

@@ -57,6 +57,11 @@ pub(crate) struct Engine {
     /// itself (a delayed job due, a lease expiring), if ever.
     due: Vec<Option<u64>>,
     idle_until: Option<Instant>,
+    /// When a fetch last looked at every queue. Jobs also become ready
+    /// without a wake-up (another worker's handbacks and returns, expired
+    /// leases), so however many wake-ups name only some queues, every queue
+    /// is looked at at least once per idle poll.
+    last_full: Instant,
     next_heartbeat: Instant,
     heartbeats: u64,
     backoff: Backoff,
@@ -90,6 +95,7 @@ impl Engine {
             hint: 0,
             due: vec![None; queues],
             idle_until: None,
+            last_full: Instant::now(),
             next_heartbeat: Instant::now(),
             heartbeats: 0,
             backoff: Backoff::new(),
@@ -144,12 +150,15 @@ impl Engine {
         }
         if self.shared.wake.swap(false, std::sync::atomic::Ordering::SeqCst) {
             let hinted = self.shared.hinted.swap(0, std::sync::atomic::Ordering::SeqCst);
-            // Only an idle engine follows the hint: every queue was empty at
-            // its last look, so going first to the one that just got jobs
-            // saves round trips and costs no fairness. A busy engine keeps
-            // its weighted order, whatever wake-ups say.
-            if self.idle_until.is_some() {
+            // Only an engine still idle follows the hint: every queue was
+            // empty at its last look, so fetching only the ones that just got
+            // jobs saves round trips and costs no fairness. A busy engine (or
+            // one whose idle sleep ran out) keeps its weighted order over
+            // every queue, whatever wake-ups say, and forgets an older hint.
+            if self.idle_until.is_some_and(|t| now < t) {
                 self.hint |= hinted;
+            } else {
+                self.hint = 0;
             }
             self.idle_until = None;
         }
@@ -191,9 +200,12 @@ impl Engine {
     /// One fetch round: the round's primary queue first, then the others by
     /// priority for whatever is still wanted. One script run per queue.
     ///
-    /// An engine woken from idle looks only at the queues the wake-up named:
-    /// every queue was empty at its last look, and a push to another names
-    /// that one. And when every queue it looked at gave fewer jobs than
+    /// An engine woken from idle looks only at the queues the wake-up named,
+    /// and any with a delayed job or lease due: every queue was empty at its
+    /// last look, and a push to another names that one. Jobs that become
+    /// ready without a push (another worker's handbacks and returns) are
+    /// found by the look at every queue that at least one fetch per idle
+    /// poll still takes (`last_full`). And when every queue it looked at gave fewer jobs than
     /// asked, with nothing due, the engine goes idle at once rather than
     /// looking again: those queues are empty, and the next push wakes it.
     /// Idle, a notification costs each worker one script run instead of
@@ -206,8 +218,13 @@ impl Engine {
         let hint = std::mem::take(&mut self.hint);
         let named = |s: usize| hint & priority_bit(self.slots[s].name.priority) != 0;
         let mut order = fetch_order(primary, &self.by_priority, named);
-        if hint != 0 {
-            order.retain(|&s| named(s));
+        if hint != 0 && self.last_full.elapsed() < self.cfg.idle_poll {
+            // The named queues, and any whose delayed job or lease is due.
+            let now = now_ms();
+            order.retain(|&s| named(s) || self.due[s].is_some_and(|d| d <= now));
+        }
+        if order.len() == self.slots.len() {
+            self.last_full = Instant::now();
         }
         let lease = ms(self.cfg.lease);
         let mut got = 0;
