@@ -63,11 +63,17 @@ impl LoadResult {
     }
 }
 
-pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr)
+/// A TCP connection to the API, without Nagle's delay.
+async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to the API at {addr}"))?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let stream = open(addr).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("HTTP handshake with the API")?;
@@ -108,10 +114,7 @@ pub struct Poster {
 
 impl Poster {
     pub async fn connect(target: &Target) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(target.addr)
-            .await
-            .with_context(|| format!("connecting to the API at {}", target.addr))?;
-        stream.set_nodelay(true)?;
+        let stream = open(target.addr).await?;
         let head = format!(
             "POST /v1/notifications HTTP/1.1\r\nhost: herald\r\nauthorization: {}\r\n\
              content-type: application/json\r\ncontent-length: ",
@@ -129,11 +132,7 @@ impl Poster {
 
     /// Opens a fresh connection in place of this one (after an error).
     pub async fn reconnect(&mut self) -> anyhow::Result<()> {
-        let stream = TcpStream::connect(self.addr)
-            .await
-            .with_context(|| format!("connecting to the API at {}", self.addr))?;
-        stream.set_nodelay(true)?;
-        self.stream = stream;
+        self.stream = open(self.addr).await?;
         self.buf.clear();
         Ok(())
     }

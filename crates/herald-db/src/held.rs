@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
-use crate::{PING_IF_IDLE_FOR, Result};
+use crate::{ACQUIRE_TIMEOUT, PING_IF_IDLE_FOR, Result};
 
 /// Connections kept, each with when it was first taken from the pool and
 /// when it was last given back.
@@ -36,12 +36,6 @@ struct Idle {
 
 /// A connection kept this long is given back to the pool instead of used.
 pub const RECYCLE_AFTER: Duration = Duration::from_secs(30 * 60);
-
-/// How long the ping of a connection that sat unused may take: as long as
-/// the pool's own acquire may (`connect_lazy`), so a connection to a peer
-/// that went silent (no reset, packets dropped) is given up, not waited on
-/// until TCP gives up minutes later.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A pool's connections kept between statements. Cheap to clone; clones
 /// share the kept connections.
@@ -62,14 +56,10 @@ impl Held {
         }
     }
 
-    /// The pool the connections come from.
-    #[must_use]
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// A kept connection if there is one (pinged first if it sat unused a
-    /// while), else one from the pool.
+    /// while, for at most [`ACQUIRE_TIMEOUT`], as the pool's own acquire:
+    /// a peer gone silent is given up, not waited on until TCP gives up),
+    /// else one from the pool.
     pub async fn acquire(&self) -> Result<HeldConn> {
         loop {
             let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -82,7 +72,7 @@ impl Held {
                 continue;
             }
             if since.elapsed() < PING_IF_IDLE_FOR
-                || matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+                || matches!(tokio::time::timeout(ACQUIRE_TIMEOUT, conn.ping()).await, Ok(Ok(())))
             {
                 return Ok(self.wrap(conn, taken));
             }

@@ -135,7 +135,7 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
-        .acquire_timeout(Duration::from_secs(3))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         // sqlx pings every connection it hands out: a round trip (and a
         // Postgres wake-up) before every statement on the hot paths. Only a
         // connection idle for a while is worth checking; one used in the
@@ -153,6 +153,10 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
             })
         })
 }
+
+/// Longest wait for a connection from a pool (including its ping), and for
+/// the ping of a kept one (`held`).
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A pooled connection idle at least this long is pinged before use.
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);

@@ -205,9 +205,10 @@ impl Engine {
     /// last look, and a push to another names that one. Jobs that become
     /// ready without a push (another worker's handbacks and returns) are
     /// found by the look at every queue that at least one fetch per idle
-    /// poll still takes (`last_full`). And when every queue it looked at gave fewer jobs than
-    /// asked, with nothing due, the engine goes idle at once rather than
-    /// looking again: those queues are empty, and the next push wakes it.
+    /// poll still takes (`last_full`). And when every queue it looked at
+    /// gave fewer jobs than asked, with nothing due, the engine goes idle at
+    /// once rather than looking again: those queues are empty, and the next
+    /// push wakes it.
     /// Idle, a notification costs each worker one script run instead of
     /// six (three queues, twice), at the moment the three workers, the API
     /// and Postgres all want the two cores.
@@ -260,12 +261,10 @@ impl Engine {
                     "jobs with an expired lease came back"
                 );
             }
-            let mut due: Option<u64> = None;
-            for at in [field(3), field(4)] {
-                if let Ok(at) = at.parse::<u64>() {
-                    due = Some(due.map_or(at, |d| d.min(at)));
-                }
-            }
+            let due = [field(3), field(4)]
+                .into_iter()
+                .filter_map(|at| at.parse::<u64>().ok())
+                .min();
             self.due[slot] = due;
             // Fewer than asked and nothing due now: this queue is empty.
             drained &= reply.len().saturating_sub(5) < left && due.is_none_or(|d| d > now);
