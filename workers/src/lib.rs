@@ -44,7 +44,7 @@ pub fn sender_for(settings: &Settings, channel: Channel) -> anyhow::Result<Sende
             &settings.email_from,
             settings.send_timeout,
             settings.smtp_ca_file.as_deref(),
-            settings.concurrency_for(channel.as_str()),
+            settings.smtp_max_connections,
         )?),
         Channel::Push => match &settings.push_transport {
             PushTransport::File { path } => Sender::Push(
@@ -92,7 +92,7 @@ pub async fn run_worker(
     ));
     let backend = RedisBackend::new(queue_cfg, QueueName::for_channel(channel).to_vec(), worker_id.clone())
         .context("REDIS_URL")?;
-    let concurrency = settings.concurrency_for(channel.as_str());
+    let concurrency = settings.worker_concurrency;
     tracing::info!(%worker_id, channel = %channel, concurrency, "worker started");
     WorkerBuilder::new(worker_id.to_string())
         .backend(backend)

@@ -45,7 +45,7 @@ variables! {
     "HERALD_API_KEY_CACHE_SECS" = Some("5"), "How long the API trusts an API key it authenticated without asking Postgres again; a revoked key keeps working for at most this long per API process. 0 turns the cache off.";
     "HERALD_SSE_HEARTBEAT_SECS" = Some("15"), "How often the live stream (GET /v1/me/stream) sends a heartbeat comment while idle, so proxies keep the connection open (1 to 300).";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
-    "HERALD_WORKER_CONCURRENCY" = None, "Deliveries one worker process handles at once (default: 64 for email, where each send holds an SMTP connection; 256 for push and in-app, whose claims and results then share bigger batches).";
+    "HERALD_WORKER_CONCURRENCY" = Some("256"), "Deliveries one worker process handles at once; its claims and results share bigger batches with more (email sends beyond HERALD_SMTP_MAX_CONNECTIONS wait for a free connection).";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
     "HERALD_FETCH_BATCH" = Some("64"), "Jobs a worker fetches from Redis per round trip.";
     "HERALD_MAX_ATTEMPTS" = Some("8"), "Attempts per delivery before it is dead-lettered.";
@@ -63,6 +63,7 @@ variables! {
     "HERALD_EMAIL_DIR" = Some("var/mail"), "Where the file transport writes .eml files.";
     "HERALD_EMAIL_FROM" = Some("Herald <herald@localhost.localdomain>"), "From address of every email.";
     "HERALD_SMTP_URL" = None, "SMTP server (required when the transport is smtp): `smtp://host:25` (plain), `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtp://host?tls=opportunistic` (STARTTLS if offered; not for production), `smtps://user:pass@host:465` (implicit TLS). Percent-encode reserved characters in user and password.";
+    "HERALD_SMTP_MAX_CONNECTIONS" = Some("50"), "Most SMTP connections one email worker keeps open (and sends on at once); relays cap connections per client (Postfix: 50).";
     "HERALD_SMTP_CA_FILE" = None, "PEM certificate(s) to trust for the SMTP server's TLS, besides the system roots (private CAs).";
     "HERALD_PUSH_TRANSPORT" = Some("file"), "`file` (JSON lines; development only) or `http` (FCM, APNs and Web Push, each enabled by its settings below).";
     "HERALD_FCM_CREDENTIALS_FILE" = None, "Firebase service-account JSON; enables FCM HTTP v1.";
@@ -189,8 +190,21 @@ pub struct Settings {
     /// Idle heartbeat of the clients' live stream.
     pub sse_heartbeat: Duration,
     pub log_format: LogFormat,
-    /// `HERALD_WORKER_CONCURRENCY` when set; see [`Settings::concurrency_for`].
-    pub worker_concurrency: Option<usize>,
+    /// Deliveries a worker process handles at once
+    /// (`HERALD_WORKER_CONCURRENCY`). A worker's claims and results are
+    /// batched, and more deliveries in flight make bigger batches, so less
+    /// Postgres work per delivery: 256 for every channel (push and in-app
+    /// from 64: bench drain 7,180 → 7,894/s). Email used to
+    /// take 64, one per SMTP connection; since its connections have their
+    /// own bound (`smtp_max_connections`) it takes 256 too (bench drain,
+    /// interleaved: 9,717/10,053 → 12,251/12,776/s, Postgres 91/86 →
+    /// 73/72 µs per delivery: the email worker's tail had set the drain's
+    /// end).
+    pub worker_concurrency: usize,
+    /// Most SMTP connections an email worker opens
+    /// (`HERALD_SMTP_MAX_CONNECTIONS`): relays cap connections per client
+    /// (Postfix's `smtpd_client_connection_count_limit` is 50).
+    pub smtp_max_connections: usize,
     pub lease: Duration,
     pub fetch_batch: usize,
     pub max_attempts: u32,
@@ -315,10 +329,8 @@ impl Settings {
             api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
             sse_heartbeat: Duration::from_secs(src.parse_in("HERALD_SSE_HEARTBEAT_SECS", 1..=300)?),
             log_format,
-            worker_concurrency: src
-                .get("HERALD_WORKER_CONCURRENCY")
-                .map(|_| src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000))
-                .transpose()?,
+            worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
+            smtp_max_connections: src.parse_in("HERALD_SMTP_MAX_CONNECTIONS", 1..=1_000)?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
             fetch_batch: src.parse_in("HERALD_FETCH_BATCH", 1..=1000)?,
             max_attempts: src.parse_in("HERALD_MAX_ATTEMPTS", 1..=100)?,
@@ -335,20 +347,6 @@ impl Settings {
             push_transport,
             replay_max: src.parse_in("HERALD_REPLAY_MAX", 1..=100_000_000)?,
         })
-    }
-
-    /// Deliveries a worker of this channel handles at once:
-    /// `HERALD_WORKER_CONCURRENCY`, or the channel's default. An email send
-    /// holds an SMTP connection for its whole conversation, and relays cap
-    /// connections per client (Postfix: 50), so email stays at 64. Push
-    /// (HTTP/2 streams) and in-app (a database write) take 256: a worker's
-    /// claims and results are batched, and more deliveries in flight make
-    /// bigger batches, so less Postgres work per delivery (bench drain
-    /// 7,180 → 7,894/s, Postgres 134 → 115 µs per delivery).
-    #[must_use]
-    pub fn concurrency_for(&self, channel: &str) -> usize {
-        self.worker_concurrency
-            .unwrap_or(if channel == "email" { 64 } else { 256 })
     }
 
     /// The retry settings of a channel, by its wire name (`email`, `push`, `in_app`).

@@ -138,9 +138,10 @@ impl EmailSender {
     /// `HERALD_EMAIL_FROM`, `HERALD_SEND_TIMEOUT_SECS` and
     /// `HERALD_SMTP_CA_FILE`. Opens no connection: an unreachable server
     /// shows up as transient failures of the first sends, not as a worker
-    /// that cannot start. Up to `connections` SMTP connections stay open
-    /// between sends: the most the caller sends at once (a worker's
-    /// concurrency), so no send opens one while another sits closed.
+    /// that cannot start. At most `connections` SMTP connections are open
+    /// at once (`HERALD_SMTP_MAX_CONNECTIONS`): a send beyond them waits
+    /// for one to finish, within its timeout; they stay open between sends
+    /// (30 s idle).
     pub fn from_settings(
         settings: &EmailSettings,
         from: &str,

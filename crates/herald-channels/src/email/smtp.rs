@@ -65,19 +65,24 @@
 //! # Timeout
 //!
 //! One `tokio::time::timeout` (`HERALD_SEND_TIMEOUT_SECS`) bounds the whole
-//! send, including a fresh connection and a retry on a stale pooled one.
+//! send, including the wait for a free connection, a fresh connection and
+//! a retry on a stale pooled one.
 //! When it fires the connection is dropped, never reused.
 //!
 //! # Pool
 //!
-//! As many idle connections as the worker sends at once are kept for 30 s
-//! (`EmailSender::from_settings`'s `connections`); each send takes the most
-//! recently used one or opens a new one (concurrency is bounded by the
-//! worker). Keeping fewer made a busy worker close connections and open
-//! new ones all the time: its sends wait on batched claims and results
-//! between uses, so more of them sit idle at once than in flight. (16
-//! were kept for 64 sends until keeping all 64 cut the email worker's CPU
-//! per delivery by about a third in the bench's drain.) A pooled
+//! At most `connections` conversations run at once
+//! (`EmailSender::from_settings`; `HERALD_SMTP_MAX_CONNECTIONS`, 50 by
+//! default, Postfix's per-client limit): a send beyond them waits for one
+//! to finish, within its own deadline, so a worker may hold more
+//! deliveries in flight than it has connections (its claims and results
+//! batch better with more; the connections stay within what the relay
+//! allows). As many idle connections are kept for 30 s; each send takes
+//! the most recently used one or opens a new one, so no more than
+//! `connections` are ever open. Keeping fewer idle ones than sends made a
+//! busy worker close connections and open new ones all the time (keeping
+//! all of them cut the email worker's CPU per delivery by about a third in
+//! the bench's drain). A pooled
 //! connection the server has meanwhile closed fails at MAIL FROM, before
 //! anything was sent: that send moves to a fresh
 //! connection once, within the same deadline. A connection that saw any
@@ -211,6 +216,8 @@ fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, E
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Stage {
+    /// Waiting for one of the `connections` to be free.
+    Waiting,
     Connect,
     Auth,
     Mail,
@@ -221,7 +228,8 @@ enum Stage {
 }
 
 impl Stage {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
+        Self::Waiting,
         Self::Connect,
         Self::Auth,
         Self::Mail,
@@ -232,6 +240,7 @@ impl Stage {
 
     const fn describe(self) -> &'static str {
         match self {
+            Self::Waiting => "waiting for a free connection",
             Self::Connect => "connecting",
             Self::Auth => "AUTH",
             Self::Mail => "MAIL FROM",
@@ -247,7 +256,7 @@ struct Progress(AtomicU8);
 
 impl Progress {
     fn new() -> Self {
-        Self(AtomicU8::new(Stage::Connect as u8))
+        Self(AtomicU8::new(Stage::Waiting as u8))
     }
 
     fn set(&self, stage: Stage) {
@@ -310,7 +319,10 @@ pub(crate) struct SmtpTransport {
     password: Option<String>,
     hello: ClientId,
     timeout: Duration,
-    /// Idle connections kept for reuse.
+    /// One permit per connection that may be open: a conversation holds
+    /// one from before it takes or opens a connection until it is done.
+    slots: tokio::sync::Semaphore,
+    /// Idle connections kept for reuse, at most as many as `slots` has.
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
 }
@@ -332,8 +344,9 @@ impl SmtpTransport {
         url: &str,
         ca_file: Option<&Path>,
         timeout: Duration,
-        max_idle: usize,
+        max_connections: usize,
     ) -> Result<Self, EmailSetupError> {
+        let max_connections = max_connections.max(1);
         let endpoint = parse_url(url).map_err(EmailSetupError::SmtpUrl)?;
         let tls = match endpoint.security {
             SmtpSecurity::Plain => None,
@@ -359,7 +372,8 @@ impl SmtpTransport {
             password: endpoint.credentials.map(|(_, password)| password),
             hello: endpoint.hello,
             timeout,
-            max_idle,
+            slots: tokio::sync::Semaphore::new(max_connections),
+            max_idle: max_connections,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -400,6 +414,15 @@ impl SmtpTransport {
     async fn converse(&self, message: &Message, progress: &Progress) -> Result<(), Failure> {
         let raw = message.formatted();
         let envelope = message.envelope();
+        // Held to the end of the conversation; a connection is only ever
+        // taken or opened with one, so at most `max_connections` are open.
+        // (The semaphore is never closed.)
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Failure::TimedOut(Stage::Waiting))?;
+        progress.set(Stage::Connect);
         if let Some(session) = self.checkout() {
             match self.transact(session, envelope, &raw, progress).await {
                 // Closed by the server while idle (no reply, or 421 "closing"):
@@ -577,6 +600,12 @@ impl SmtpTransport {
             Failure::TimedOut(Stage::Content) => SendError::new(
                 ErrorClass::Ambiguous,
                 format!("SMTP server did not answer the message content within {timeout:?}; it may have accepted it"),
+            ),
+            Failure::TimedOut(Stage::Waiting) => SendError::new(
+                ErrorClass::Transient,
+                format!(
+                    "no SMTP connection came free within {timeout:?} (all HERALD_SMTP_MAX_CONNECTIONS were busy); nothing was sent"
+                ),
             ),
             Failure::TimedOut(stage) => SendError::new(
                 ErrorClass::Transient,
