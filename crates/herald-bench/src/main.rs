@@ -721,9 +721,10 @@ impl Bench {
             batch: (self.args.connections / 3).max(1),
             in_flight: 3,
         };
-        // The workers: the email worker's 64 deliveries at once (push and
-        // in-app take 256; HERALD_WORKER_CONCURRENCY), one claim and one
-        // result statement at a time (workers/src/deliver.rs).
+        // The workers: 64 per statement, one claim and one result
+        // statement at a time (workers/src/deliver.rs); each worker holds
+        // 256 deliveries (HERALD_WORKER_CONCURRENCY), spread over claims,
+        // sends and results.
         let workers = ceiling::Shape {
             batch: 64,
             in_flight: 1,
