@@ -322,8 +322,8 @@ pub(crate) struct SmtpTransport {
     /// One permit per connection that may be open: a conversation holds
     /// one from before it takes or opens a connection until it is done.
     slots: tokio::sync::Semaphore,
-    /// Idle connections kept for reuse, at most as many as `slots` has.
-    max_idle: usize,
+    /// `slots`' permits: also the most idle connections kept for reuse.
+    max_connections: usize,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -373,7 +373,7 @@ impl SmtpTransport {
             hello: endpoint.hello,
             timeout,
             slots: tokio::sync::Semaphore::new(max_connections),
-            max_idle: max_connections,
+            max_connections,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -583,7 +583,7 @@ impl SmtpTransport {
 
     fn checkin(&self, session: Session) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < self.max_idle && !session.conn.has_broken() {
+        if idle.len() < self.max_connections && !session.conn.has_broken() {
             idle.push(Idle {
                 session,
                 since: Instant::now(),
