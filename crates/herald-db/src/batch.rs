@@ -30,11 +30,19 @@ pub const MIN_BESIDE_ANOTHER: usize = 8;
 /// A handle to submit items to one batched statement. Cheap to clone.
 pub struct Batcher<I, O> {
     tx: mpsc::Sender<(I, Reply<O>)>,
+    /// One permit per batch that may run at once; a running batch holds
+    /// its permit until its after-work is done.
+    slots: Arc<Semaphore>,
+    max_in_flight: u32,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone() }
+        Self {
+            tx: self.tx.clone(),
+            slots: Arc::clone(&self.slots),
+            max_in_flight: self.max_in_flight,
+        }
     }
 }
 
@@ -63,9 +71,33 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Fut: Future<Output = Result<(Vec<O>, Then), DbError>> + Send + 'static,
         Then: Future<Output = ()> + Send + 'static,
     {
+        let max_in_flight = u32::try_from(max_in_flight.max(1)).unwrap_or(u32::MAX);
+        let slots = Arc::new(Semaphore::new(max_in_flight as usize));
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(8).max(1));
-        tokio::spawn(collect(rx, max_batch.max(1), max_in_flight.max(1), Arc::new(run)));
-        Self { tx }
+        tokio::spawn(collect(
+            rx,
+            max_batch.max(1),
+            Arc::clone(&slots),
+            max_in_flight as usize,
+            Arc::new(run),
+        ));
+        Self {
+            tx,
+            slots,
+            max_in_flight,
+        }
+    }
+
+    /// Waits until no batch is running, its after-work included. Every
+    /// item whose [`submit`](Self::submit) has returned was in a batch that
+    /// has then finished; items submitted meanwhile may start new batches.
+    /// A process shutting down calls this once its callers are gone, so
+    /// the work it owes them after answering (the API's Redis push) is not
+    /// cut off by the exit.
+    pub async fn settled(&self) {
+        // The permits come back as each running batch finishes; holding
+        // them all at once means none was running. Dropped at once.
+        let _all = self.slots.acquire_many(self.max_in_flight).await;
     }
 
     /// Runs `item` as part of the next batch and returns its output.
@@ -80,6 +112,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 async fn collect<I, O, F, Fut, Then>(
     mut rx: mpsc::Receiver<(I, Reply<O>)>,
     max_batch: usize,
+    permits: Arc<Semaphore>,
     max_in_flight: usize,
     run: Arc<F>,
 ) where
@@ -89,7 +122,6 @@ async fn collect<I, O, F, Fut, Then>(
     Fut: Future<Output = Result<(Vec<O>, Then), DbError>> + Send + 'static,
     Then: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(max_in_flight));
     // Told whenever a batch finishes.
     let finished = Arc::new(Notify::new());
     while let Some(first) = rx.recv().await {
@@ -327,5 +359,59 @@ mod tests {
         release.send(true).unwrap();
         let second = tokio::time::timeout(std::time::Duration::from_secs(5), second).await;
         assert_eq!(second.expect("the slot came back").unwrap(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settled_waits_for_every_running_follow_up() {
+        // Two batches at once, each with a follow-up that waits for the
+        // test; settled() may return only once both follow-ups are done.
+        let (release, released) = tokio::sync::watch::channel(false);
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let finished = Arc::clone(&done);
+        let batcher = Batcher::start_then(256, 2, move |items: Vec<u32>| {
+            let mut released = released.clone();
+            let finished = Arc::clone(&finished);
+            async move {
+                let then = async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                };
+                Ok((items, then))
+            }
+        });
+        // A lone item takes the first slot (its follow-up keeps it), then
+        // enough items for a batch beside it take the second.
+        let first = batcher.submit(0).await.unwrap();
+        assert_eq!(first, 0);
+        let answers: Vec<_> = (1..=MIN_BESIDE_ANOTHER as u32)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.submit(i).await.unwrap() })
+            })
+            .collect();
+        for a in answers {
+            tokio::time::timeout(std::time::Duration::from_secs(5), a)
+                .await
+                .expect("answered before the follow-ups")
+                .unwrap();
+        }
+        let settled = {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.settled().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!settled.is_finished(), "settled while follow-ups were running");
+        release.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), settled)
+            .await
+            .expect("settled once the follow-ups finished")
+            .unwrap();
+        assert_eq!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "both batches' follow-ups ran"
+        );
+        // Settling leaves the batcher usable.
+        assert_eq!(batcher.submit(99).await.unwrap(), 99);
     }
 }
