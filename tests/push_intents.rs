@@ -125,3 +125,46 @@ async fn a_batch_with_only_skipped_deliveries_leaves_no_intent() {
     assert_eq!(count(&app, "SELECT count(*) FROM push_intents").await, 0);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_api_pushes_and_confirms_every_batch_it_answered() {
+    // A second API process takes the requests and is stopped the moment
+    // the last one is answered: what it owes them after the 202 (the Redis
+    // push, then the confirmation, which lingers 100 ms) must be done
+    // before it exits, not left to the sweeper.
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
+    let queue = QueueClient::new(QueueConfig::from_settings(&app.settings)).expect("queue client");
+    let replica = app.spawn_api_replica().await;
+    let posts: Vec<_> = (0..64)
+        .map(|i| {
+            let (http, url, key) = (app.http.clone(), replica.url("/v1/notifications"), app.api_key.clone());
+            tokio::spawn(async move {
+                let res = http
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({"user_id": format!("u_{i}"), "channels": ["in_app"], "title": "Hi"}))
+                    .send()
+                    .await
+                    .expect("POST");
+                res.status().as_u16()
+            })
+        })
+        .collect();
+    for p in posts {
+        assert_eq!(p.await.expect("request task"), 202);
+    }
+    replica.stop().await;
+    // Checked at once: nothing here waits for anything to catch up.
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM push_intents").await,
+        0,
+        "every answered batch was confirmed before the API exited"
+    );
+    let ready = queue
+        .counts(QueueName::new(Channel::InApp, Priority::Normal))
+        .await
+        .expect("counts")
+        .ready;
+    assert_eq!(ready, 64, "every accepted delivery's job is in Redis");
+    app.stop().await;
+}

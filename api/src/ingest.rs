@@ -72,6 +72,9 @@ pub struct Sinks {
     /// Deletes the push intents of batches whose jobs are in Redis, many
     /// batches per statement, off the request path.
     pub confirmations: Batcher<i64, ()>,
+    /// The confirmations on their way, so a stopping API waits for them
+    /// ([`Ingestor::finish`]).
+    pub confirming: tokio_util::task::TaskTracker,
 }
 
 impl Sinks {
@@ -101,6 +104,7 @@ impl Sinks {
             hub,
             changes,
             confirmations,
+            confirming: tokio_util::task::TaskTracker::new(),
         }
     }
 }
@@ -143,6 +147,18 @@ impl Ingestor {
     /// is committed (its jobs are pushed right after).
     pub async fn accept(&self, submission: Submission) -> Result<Accepted, Arc<DbError>> {
         self.batcher.submit(submission).await
+    }
+
+    /// What a stopping API owes the requests it answered: waits until every
+    /// batch's jobs are pushed to Redis (or the push failed) and every
+    /// push confirmation has committed. Called once the server has stopped
+    /// taking requests; without it the exit could cut a push off after its
+    /// 202, leaving those deliveries to wait for the sweeper's grace
+    /// period (and an unconfirmed batch costs the sweeper duplicate jobs).
+    pub async fn finish(&self, sinks: &Sinks) {
+        self.batcher.settled().await;
+        sinks.confirming.close();
+        sinks.confirming.wait().await;
     }
 }
 
@@ -187,7 +203,7 @@ pub async fn push_jobs(sinks: Sinks, jobs: Vec<(QueueName, DeliveryJob)>, push_i
                 let confirmations = sinks.confirmations.clone();
                 // Off the request path: if this is lost, the sweeper pushes
                 // duplicate jobs, which the claim fence turns into no-ops.
-                tokio::spawn(async move {
+                sinks.confirming.spawn(async move {
                     if let Err(e) = confirmations.submit(intent).await {
                         tracing::debug!(error = %e, "could not confirm a batch's push; the sweeper will re-enqueue it");
                     }

@@ -340,8 +340,25 @@ pub async fn serve(
         shutdown.await;
         stopping.cancel();
     };
-    axum::serve(listener, app(state))
+    axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await
-        .context("serving HTTP")
+        .context("serving HTTP")?;
+    // Every request has been answered; finish what the API owes the
+    // accepted ones (their Redis push, its confirmation), within a bound:
+    // whatever is left then is the sweeper's, as after a crash.
+    if tokio::time::timeout(FINISH_ACCEPTED, state.ingestor.finish(state.sinks()))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?FINISH_ACCEPTED,
+            "stopped before every accepted batch was pushed to Redis; the sweeper will enqueue the rest"
+        );
+    }
+    Ok(())
 }
+
+/// How long a stopping API waits for the Redis pushes and confirmations
+/// of the batches it already answered.
+pub const FINISH_ACCEPTED: std::time::Duration = std::time::Duration::from_secs(5);
