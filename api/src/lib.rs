@@ -340,13 +340,14 @@ pub async fn serve(
         shutdown.await;
         stopping.cancel();
     };
-    axum::serve(listener, app(state.clone()))
+    let served = axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await
-        .context("serving HTTP")?;
-    // Every request has been answered; finish what the API owes the
-    // accepted ones (their Redis push, its confirmation), within a bound:
-    // whatever is left then is the sweeper's, as after a crash.
+        .context("serving HTTP");
+    // Serving has ended (on a graceful stop, every request was answered):
+    // finish what the API owes the accepted ones (their Redis push, its
+    // confirmation), within a bound, whatever ended it. What is left then
+    // is the sweeper's, as after a crash.
     if tokio::time::timeout(FINISH_ACCEPTED, state.ingestor.finish(state.sinks()))
         .await
         .is_err()
@@ -356,7 +357,7 @@ pub async fn serve(
             "stopped before every accepted batch was pushed to Redis; the sweeper will enqueue the rest"
         );
     }
-    Ok(())
+    served
 }
 
 /// How long a stopping API waits for the Redis pushes and confirmations
