@@ -115,8 +115,7 @@ async fn confirmed_batches_waiting_in_redis_are_not_pushed_again() {
 async fn a_batch_with_only_skipped_deliveries_leaves_no_intent() {
     let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     // Nobody is known: email is skipped, and nothing is owed a job.
-    let mut n = in_app_notification("nobody");
-    n.deliveries[0].channel = "email";
+    let n = herald_testkit::seed::notification("nobody", &["email"]);
     let inserted = herald_db::notifications::insert_notifications(app.pool(), &[n])
         .await
         .expect("insert");

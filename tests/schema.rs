@@ -83,6 +83,127 @@ async fn deleting_a_notification_deletes_its_deliveries_attempts_and_inbox_item_
     db.drop_db().await;
 }
 
+/// A delivery's id follows its notification's (migration …080), and
+/// deliveries written before that, with ids of their own, are still found
+/// by notification: reading a notification, the admin filter and the
+/// delete cascade see both kinds, and only the old kind is in the partial
+/// index.
+#[tokio::test]
+async fn a_notifications_deliveries_are_found_whether_their_ids_follow_it_or_not() {
+    let db = TestDb::new().await;
+    let new = notification(&["email", "push", "in_app"]);
+    insert_notifications(&db.pool, std::slice::from_ref(&new))
+        .await
+        .unwrap();
+    let ntf = new.notification.id.as_str();
+    for d in &new.deliveries {
+        assert_eq!(d.id[4..29], ntf[4..29], "{} follows {ntf}", d.id);
+    }
+    // Written as the previous release did: random delivery ids.
+    let old = herald_core::NotificationId::generate().to_string();
+    let old_ids: Vec<String> = (0..3)
+        .map(|_| herald_core::DeliveryId::generate().to_string())
+        .collect();
+    sqlx::query(
+        "WITH n AS (INSERT INTO notifications (id, user_id, category, priority, title, body)
+                    VALUES ($1, 'u_1', 'general', 'normal', 't', 'b'))
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
+         SELECT i, $1, 'u_1', c, 'normal', 'queued', 3
+         FROM unnest($2::TEXT[], ARRAY['email', 'push', 'in_app']) AS x (i, c)",
+    )
+    .bind(&old)
+    .bind(&old_ids)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    for (id, expected) in [
+        (ntf, new.deliveries.iter().map(|d| d.id.clone()).collect::<Vec<_>>()),
+        (old.as_str(), old_ids.clone()),
+    ] {
+        let (_, deliveries) = herald_db::notifications::get_notification(&db.pool, id)
+            .await
+            .unwrap()
+            .expect("the notification");
+        let got: Vec<String> = deliveries.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(got, expected, "{id}: its deliveries, in channel order");
+        let filter = herald_db::admin::DeliveryFilter {
+            notification_id: Some(id.to_owned()),
+            ..Default::default()
+        };
+        let (found, _) = herald_db::admin::search_deliveries(&db.pool, &filter, None, 10)
+            .await
+            .unwrap();
+        let mut found: Vec<String> = found.into_iter().map(|d| d.id).collect();
+        let mut expected = expected.clone();
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected, "{id}: the admin filter finds them");
+    }
+    let in_partial_index: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM deliveries
+         WHERE substr(id, 5, 25) <> substr(notification_id, 5, 25) OR length(id) <> 30 ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut old_sorted = old_ids.clone();
+    old_sorted.sort();
+    assert_eq!(
+        in_partial_index, old_sorted,
+        "only the old kind needs the partial index"
+    );
+
+    sqlx::query("DELETE FROM notifications WHERE id = ANY($1)")
+        .bind(vec![ntf.to_owned(), old.clone()])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "both kinds went with their notification");
+    db.drop_db().await;
+}
+
+/// Without the `(notification_id, channel)` unique index, the primary key
+/// and a check keep one delivery per notification and channel.
+#[tokio::test]
+async fn a_notification_still_has_at_most_one_delivery_per_channel() {
+    let db = TestDb::new().await;
+    let item = notification(&["email"]);
+    insert_notifications(&db.pool, std::slice::from_ref(&item))
+        .await
+        .unwrap();
+    let ntf = item.notification.id.as_str();
+    let insert = |id: String, channel: &'static str| {
+        let pool = db.pool.clone();
+        let ntf = ntf.to_owned();
+        async move {
+            sqlx::query(
+                "INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts)
+                 VALUES ($1, $2, 'u_1', $3, 'normal', 'queued', 3)",
+            )
+            .bind(id)
+            .bind(ntf)
+            .bind(channel)
+            .execute(&pool)
+            .await
+        }
+    };
+    let again = insert(item.deliveries[0].id.clone(), "email").await.unwrap_err();
+    assert!(again.to_string().contains("deliveries_pkey"), "{again}");
+    // An id that follows the notification but names another channel.
+    let wrong_digit = format!("dlv_{}2", &ntf[4..29]);
+    let mislabelled = insert(wrong_digit, "email").await.unwrap_err();
+    assert!(
+        mislabelled.to_string().contains("deliveries_id_follows_notification"),
+        "{mislabelled}"
+    );
+    db.drop_db().await;
+}
+
 /// Notifications keep no foreign key to their API key (every accepted row
 /// checked it, locking the key's row); deleting a key by hand still clears
 /// it from its notifications, as `ON DELETE SET NULL` did, and from no

@@ -222,10 +222,11 @@ pub async fn create_notification(
         Some(list) => (list.clone(), true),
         None => (vec![Channel::Email, Channel::Push, Channel::InApp], false),
     };
+    let ntf_id = NotificationId::generate();
     let deliveries: Vec<NewDelivery> = channels
         .iter()
         .map(|&ch| NewDelivery {
-            id: DeliveryId::generate().to_string(),
+            id: DeliveryId::of(ntf_id, ch).to_string(),
             channel: ch.as_str(),
             max_attempts: i32::try_from(state.settings.retry_for(ch.as_str()).max_attempts).unwrap_or(i32::MAX),
             // In-app needs nothing from the user, so it is always kept.
@@ -234,7 +235,7 @@ pub async fn create_notification(
         .collect();
     let item = NewNotificationWithDeliveries {
         notification: NewNotification {
-            id: NotificationId::generate().to_string(),
+            id: ntf_id.to_string(),
             api_key_id: Some(caller.key_id().to_owned()),
             user_id: v.user_id.to_string(),
             category: v.category.as_str().to_owned(),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use herald_core::{DeliveryId, NotificationId};
+use herald_core::{Channel, DeliveryId, NotificationId};
 use herald_db::deliveries::{AttemptResult, NextState, claim_deliveries, deliver_in_app, record_attempts};
 use herald_db::notifications::{NewDelivery, NewNotification, NewNotificationWithDeliveries, insert_notifications};
 use sqlx::PgPool;
@@ -121,10 +121,10 @@ pub async fn ingest(url: &str, users: &[String], n: u64, shape: Shape) -> anyhow
 }
 
 fn notification(user: &str) -> NewNotificationWithDeliveries {
-    let id = NotificationId::generate().to_string();
+    let ntf_id = NotificationId::generate();
     NewNotificationWithDeliveries {
         notification: NewNotification {
-            id,
+            id: ntf_id.to_string(),
             api_key_id: None,
             user_id: user.to_owned(),
             category: "bench".to_owned(),
@@ -134,11 +134,11 @@ fn notification(user: &str) -> NewNotificationWithDeliveries {
             data: serde_json::json!({"order_id": "1234"}),
             request_id: Some("bench".to_owned()),
         },
-        deliveries: ["email", "push", "in_app"]
+        deliveries: [Channel::Email, Channel::Push, Channel::InApp]
             .into_iter()
             .map(|channel| NewDelivery {
-                id: DeliveryId::generate().to_string(),
-                channel,
+                id: DeliveryId::of(ntf_id, channel).to_string(),
+                channel: channel.as_str(),
                 max_attempts: 8,
                 requested: true,
             })

@@ -642,8 +642,8 @@ impl Bench {
              VALUES ('ntf_' || gen_random_uuid(), 'bench_u' || :u, 'bench', 'normal', 'Your order shipped', \
              'Order 1234 is on its way.', '{\"order_id\": \"1234\"}', 'req') RETURNING id, user_id) \
              INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts) \
-             SELECT 'dlv_' || gen_random_uuid(), n.id, n.user_id, c, 'normal', 'queued', 8 \
-             FROM n, unnest(ARRAY['email', 'push', 'in_app']) AS c;\n",
+             SELECT 'dlv_' || substr(n.id, 5, 25) || d, n.id, n.user_id, c, 'normal', 'queued', 8 \
+             FROM n, unnest(ARRAY['email', 'push', 'in_app'], ARRAY['1', '2', '3']) AS x (c, d);\n",
         )?;
         let out = tokio::process::Command::new(&bin)
             .args(["-n", "-f"])

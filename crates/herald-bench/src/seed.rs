@@ -73,7 +73,8 @@ pub async fn backlog(
     let mut done = 0u64;
     while done < notifications {
         let n = (notifications - done).min(CHUNK as u64) as usize;
-        let ntf: Vec<String> = (0..n).map(|_| NotificationId::generate().to_string()).collect();
+        let ntf_ids: Vec<NotificationId> = (0..n).map(|_| NotificationId::generate()).collect();
+        let ntf: Vec<String> = ntf_ids.iter().map(ToString::to_string).collect();
         let owners: Vec<&str> = (0..n)
             .map(|i| users[(done as usize + i) % users.len()].as_str())
             .collect();
@@ -86,7 +87,7 @@ pub async fn backlog(
         );
         for (i, id) in ntf.iter().enumerate() {
             for ch in channels {
-                let d = DeliveryId::generate();
+                let d = DeliveryId::of(ntf_ids[i], ch);
                 d_ids.push(d.to_string());
                 d_ntf.push(id.as_str());
                 d_user.push(owners[i]);

@@ -2,6 +2,10 @@
 //!
 //! The body is a ULID in Crockford base32, so ids sort by creation time and
 //! a mistyped id of the wrong kind is rejected by its prefix alone.
+//!
+//! A delivery's id follows its notification's ([`DeliveryId::of`]): the
+//! same ULID with the last digit naming the channel, so Postgres finds a
+//! notification's deliveries by primary key (migration `…080`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,17 +23,22 @@ pub struct ParseIdError {
 
 macro_rules! prefixed_id {
     ($(#[$meta:meta])* $name:ident, $prefix:literal, $kind:literal) => {
+        prefixed_id!($(#[$meta])* $name, $prefix, $kind, 0);
+    };
+    ($(#[$meta:meta])* $name:ident, $prefix:literal, $kind:literal, $reserved:expr) => {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(Ulid);
 
         impl $name {
             pub const PREFIX: &'static str = $prefix;
+            /// Low bits that [`generate`](Self::generate) leaves zero.
+            const RESERVED_BITS: u128 = $reserved;
 
             /// A new id, unique and ordered by creation time.
             #[must_use]
             pub fn generate() -> Self {
-                Self(Ulid::new())
+                Self(Ulid(Ulid::new().0 & !Self::RESERVED_BITS))
             }
 
             #[must_use]
@@ -76,13 +85,33 @@ macro_rules! prefixed_id {
 }
 
 prefixed_id!(
-    /// One notification request: what to say, to whom.
-    NotificationId, "ntf_", "notification"
+    /// One notification request: what to say, to whom. Generated with its
+    /// last base32 digit 0, the room its deliveries' ids use.
+    NotificationId, "ntf_", "notification", CHANNEL_DIGIT
 );
 prefixed_id!(
     /// One channel's delivery of a notification.
     DeliveryId, "dlv_", "delivery"
 );
+
+/// The last base32 digit of a ULID (its five lowest bits).
+const CHANNEL_DIGIT: u128 = 0x1f;
+
+impl DeliveryId {
+    /// The id of `notification`'s delivery on `channel`: the notification's
+    /// ULID with its last digit replaced by the channel's (1 email, 2 push,
+    /// 3 in-app), as the database's `delivery_ids_of` derives it. Unique per
+    /// notification and channel, and ordered like the notification.
+    #[must_use]
+    pub fn of(notification: NotificationId, channel: crate::Channel) -> Self {
+        let digit: u128 = match channel {
+            crate::Channel::Email => 1,
+            crate::Channel::Push => 2,
+            crate::Channel::InApp => 3,
+        };
+        Self(Ulid((notification.0.0 & !CHANNEL_DIGIT) | digit))
+    }
+}
 prefixed_id!(
     /// A registered push device of a user.
     DeviceId, "dev_", "device"
@@ -103,6 +132,7 @@ prefixed_id!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Channel;
 
     #[test]
     fn an_id_round_trips_through_its_text_form() {
@@ -119,6 +149,24 @@ mod tests {
         let err = ntf.parse::<DeliveryId>().unwrap_err();
         assert_eq!(err.prefix, "dlv_");
         assert!(err.to_string().contains("not a valid delivery id"));
+    }
+
+    #[test]
+    fn a_delivery_id_is_its_notification_id_with_the_channel_as_last_digit() {
+        for _ in 0..100 {
+            let ntf = NotificationId::generate();
+            let text = ntf.to_string();
+            assert!(text.ends_with('0'), "{text}");
+            for (channel, digit) in [(Channel::Email, '1'), (Channel::Push, '2'), (Channel::InApp, '3')] {
+                let dlv = DeliveryId::of(ntf, channel).to_string();
+                assert_eq!(dlv[4..29], text[4..29], "{dlv} of {text}");
+                assert!(dlv.ends_with(digit), "{dlv}");
+                assert_eq!(dlv.parse::<DeliveryId>().unwrap().to_string(), dlv);
+            }
+        }
+        // Distinct notifications, distinct deliveries.
+        let (a, b) = (NotificationId::generate(), NotificationId::generate());
+        assert_ne!(DeliveryId::of(a, Channel::Email), DeliveryId::of(b, Channel::Email));
     }
 
     #[test]

@@ -98,7 +98,10 @@ pub(crate) fn push_filter<'a>(qb: &mut QueryBuilder<'a, Postgres>, f: &'a Delive
         qb.push(" AND d.user_id = ").push_bind(user);
     }
     if let Some(ntf) = &f.notification_id {
-        qb.push(" AND d.notification_id = ").push_bind(ntf);
+        // By primary key (ids follow their notification's: migration …080).
+        qb.push(" AND d.id IN (SELECT o.id FROM deliveries_of(")
+            .push_bind(ntf)
+            .push(") o)");
     }
     if let Some(since) = f.since {
         qb.push(" AND d.created_at >= ").push_bind(since);

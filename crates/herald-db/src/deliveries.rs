@@ -198,8 +198,8 @@ pub struct InboxDelivered {
 /// their attempts ([`attempts_by_id`]), `$3` the worker id. Shaped like
 /// [`CLAIM_SQL`], for one plan that reaches every row by index; the
 /// channel test is `(d.channel || '')` so that it cannot become the index
-/// condition of a whole scan of `(notification_id, channel)`, which a plan
-/// made on empty tables chose.
+/// condition of a whole scan of an index on the channel (a plan made on
+/// empty tables once chose `(notification_id, channel)`, since dropped).
 pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
          UPDATE deliveries d SET status = 'delivered', attempt = d.attempt + 1, lease_until = NULL,
              next_attempt_at = NULL, updated_at = now(), sent_at = now(), delivered_at = now(),

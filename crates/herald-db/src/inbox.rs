@@ -90,7 +90,7 @@ pub async fn get_own_notification(
         return Ok(None);
     };
     let deliveries: Vec<DeliveryRow> = sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE notification_id = $1
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries_of($1)
          ORDER BY array_position(ARRAY['email','push','in_app'], channel)"
     ))
     .bind(notification_id)

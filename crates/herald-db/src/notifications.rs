@@ -359,7 +359,7 @@ pub async fn get_notification(pool: &PgPool, id: &str) -> Result<Option<(Notific
         return Ok(None);
     };
     let deliveries: Vec<DeliveryRow> = sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE notification_id = $1
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries_of($1)
          ORDER BY array_position(ARRAY['email','push','in_app'], channel)"
     ))
     .bind(id)

@@ -17,9 +17,10 @@ use sqlx::PgPool;
 /// `normal`, title `t`, body `b`, empty data.
 #[must_use]
 pub fn notification(user: &str, channels: &[&'static str]) -> NewNotificationWithDeliveries {
+    let ntf_id = herald_core::NotificationId::generate();
     NewNotificationWithDeliveries {
         notification: NewNotification {
-            id: herald_core::NotificationId::generate().to_string(),
+            id: ntf_id.to_string(),
             api_key_id: None,
             user_id: user.to_owned(),
             category: "general".to_owned(),
@@ -32,7 +33,11 @@ pub fn notification(user: &str, channels: &[&'static str]) -> NewNotificationWit
         deliveries: channels
             .iter()
             .map(|&channel| NewDelivery {
-                id: herald_core::DeliveryId::generate().to_string(),
+                id: match channel.parse::<herald_core::Channel>() {
+                    Ok(c) => herald_core::DeliveryId::of(ntf_id, c).to_string(),
+                    // A channel the schema rejects, for tests of that.
+                    Err(_) => herald_core::DeliveryId::generate().to_string(),
+                },
                 channel,
                 max_attempts: 3,
                 requested: true,
@@ -84,15 +89,21 @@ impl Default for DeadLetters {
 }
 
 impl DeadLetters {
-    /// The id of row `n` (1-based).
+    /// The id of row `n` (1-based); it follows its notification's
+    /// (`herald_core::DeliveryId::of`: the channel as the last digit).
     #[must_use]
     pub fn delivery_id(&self, n: i64) -> String {
-        format!("dlv_01JD{}{n:018}", self.tag)
+        let digit = match self.channel {
+            "email" => '1',
+            "push" => '2',
+            _ => '3',
+        };
+        format!("dlv_01JD{}{n:017}{digit}", self.tag)
     }
 
     #[must_use]
     pub fn notification_id(&self, n: i64) -> String {
-        format!("ntf_01JD{}{n:018}", self.tag)
+        format!("ntf_01JD{}{n:017}0", self.tag)
     }
 }
 
@@ -126,7 +137,7 @@ pub async fn seed_dead_letters(pool: &PgPool, s: &DeadLetters) -> Vec<String> {
     }
     sqlx::query(
         "INSERT INTO notifications (id, user_id, category, priority, title, body, created_at)
-         SELECT 'ntf_01JD' || $1 || lpad(g::TEXT, 18, '0'), $2 || ((g - 1) % $4 + 1), 'general', 'normal',
+         SELECT 'ntf_01JD' || $1 || lpad(g::TEXT, 17, '0') || '0', $2 || ((g - 1) % $4 + 1), 'general', 'normal',
                 'Seeded ' || g, 'A seeded dead letter', now() - make_interval(secs => g + $5)
          FROM generate_series(1, $3) g",
     )
@@ -142,10 +153,12 @@ pub async fn seed_dead_letters(pool: &PgPool, s: &DeadLetters) -> Vec<String> {
         "INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, attempt, max_attempts,
                                  last_error, last_error_class, last_provider_status, created_at, updated_at,
                                  finished_at)
-         SELECT 'dlv_01JD' || $1 || lpad(n.g::TEXT, 18, '0'), n.id, n.user_id, $2, 'normal', $3, $4, $4,
+         SELECT 'dlv_01JD' || $1 || lpad(n.g::TEXT, 17, '0')
+                    || CASE $2 WHEN 'email' THEN '1' WHEN 'push' THEN '2' ELSE '3' END,
+                n.id, n.user_id, $2, 'normal', $3, $4, $4,
                 $5 || ' #' || n.g, $6, $7, n.created_at, n.created_at + interval '1 second',
                 n.created_at + interval '1 second'
-         FROM (SELECT g, 'ntf_01JD' || $1 || lpad(g::TEXT, 18, '0') AS id, $8 || ((g - 1) % $9 + 1) AS user_id,
+         FROM (SELECT g, 'ntf_01JD' || $1 || lpad(g::TEXT, 17, '0') || '0' AS id, $8 || ((g - 1) % $9 + 1) AS user_id,
                       now() - make_interval(secs => g + $10) AS created_at
                FROM generate_series(1, $11) g) n",
     )
