@@ -135,6 +135,19 @@ impl Batches {
                 let done = herald_db::deliveries::deliver_in_app(&mut *conn, &jobs, &w).await?;
                 conn.keep();
                 c.changed(done.iter().flatten().map(|d| d.user_id.clone()));
+                // Live clients hear of each item at once, the whole batch
+                // in one publish; one that misses it (pub/sub keeps
+                // nothing) finds the item in its inbox.
+                for d in done.iter().flatten() {
+                    let event = serde_json::json!({
+                        "type": "inbox.item.created",
+                        "user_id": d.user_id,
+                        "notification_id": d.notification_id,
+                        "category": d.category,
+                        "title": d.title,
+                    });
+                    c.announce(event.to_string());
+                }
                 Ok(done)
             }
         });
@@ -331,28 +344,17 @@ impl Deliverer {
 
     /// An in-app job: claim, inbox write and result in one statement.
     async fn deliver_in_app(&self, id: String, attempt: i32) -> Result<(), DeliverError> {
-        let Some(d) = self
+        let delivered = self
             .batches
             .in_app
             .submit((id, attempt))
             .await
-            .map_err(|e| shared(&e))?
-        else {
+            .map_err(|e| shared(&e))?;
+        if delivered.is_some() {
+            // Its `inbox.item.created` went out with the batch's changes.
+            tracing::info!("in-app message delivered to the inbox");
+        } else {
             tracing::debug!("job is stale; nothing to do");
-            return Ok(());
-        };
-        tracing::info!("in-app message delivered to the inbox");
-        // Live clients hear of it at once; one that misses it (pub/sub
-        // keeps nothing) finds the item in its inbox.
-        let event = serde_json::json!({
-            "type": "inbox.item.created",
-            "user_id": d.user_id,
-            "notification_id": d.notification_id,
-            "category": d.category,
-            "title": d.title,
-        });
-        if let Err(e) = self.queue.publish_event(&event.to_string()).await {
-            tracing::debug!(error = %e, "could not publish the inbox event");
         }
         Ok(())
     }

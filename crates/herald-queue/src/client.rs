@@ -164,18 +164,7 @@ impl QueueClient {
     /// by nature (pub/sub keeps nothing): clients that miss one catch up
     /// from Postgres.
     pub async fn publish_event(&self, event: &str) -> Result<(), QueueError> {
-        let channel = events_channel(&self.inner.cfg.prefix);
-        self.run("publish an event", |mut c| {
-            let channel = &channel;
-            async move {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(event)
-                    .query_async::<()>(&mut c)
-                    .await
-            }
-        })
-        .await
+        self.publish_changes(&[], std::slice::from_ref(&event)).await
     }
 
     /// Publishes `{"type":"user.changed","users":[…]}` for these users
@@ -183,7 +172,13 @@ impl QueueClient {
     /// waiting for them. One message per [`crate::events::USERS_PER_EVENT`]
     /// users, all in one round trip.
     pub async fn publish_user_changes(&self, users: &[String]) -> Result<(), QueueError> {
-        if users.is_empty() {
+        self.publish_changes::<&str>(users, &[]).await
+    }
+
+    /// [`publish_user_changes`](Self::publish_user_changes) for `users`,
+    /// then each of `events` as published, all in one round trip.
+    pub async fn publish_changes<E: AsRef<str>>(&self, users: &[String], events: &[E]) -> Result<(), QueueError> {
+        if users.is_empty() && events.is_empty() {
             return Ok(());
         }
         let channel = events_channel(&self.inner.cfg.prefix);
@@ -191,6 +186,9 @@ impl QueueClient {
         for chunk in users.chunks(crate::events::USERS_PER_EVENT) {
             let event = serde_json::json!({"type": crate::events::USER_CHANGED, "users": chunk}).to_string();
             pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
+        }
+        for event in events {
+            pipe.cmd("PUBLISH").arg(&channel).arg(event.as_ref()).ignore();
         }
         self.run("publish user changes", |mut c| {
             let pipe = &pipe;

@@ -37,9 +37,15 @@ pub const USER_CHANGED: &str = "user.changed";
 #[derive(Clone)]
 pub struct UserChanges {
     // Unbounded on purpose: the task merges everything pending into one set
-    // per publish, so what waits is at most one entry per distinct user,
-    // and a sender never blocks or fails the caller's request.
-    tx: mpsc::UnboundedSender<Vec<String>>,
+    // per publish, so what waits is at most one entry per distinct user
+    // (and the events announced meanwhile), and a sender never blocks or
+    // fails the caller's request.
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+enum Pending {
+    Users(Vec<String>),
+    Event(String),
 }
 
 impl UserChanges {
@@ -58,20 +64,34 @@ impl UserChanges {
         let users: Vec<String> = users.into_iter().collect();
         if !users.is_empty() {
             // Fails only once the task is gone (runtime shutting down).
-            let _ = self.tx.send(users);
+            let _ = self.tx.send(Pending::Users(users));
         }
+    }
+
+    /// Publishes this event (JSON, such as the in-app worker's
+    /// `inbox.item.created`) as it is, with the next `user.changed`: one
+    /// round trip to Redis for everything pending, not one per event.
+    /// Never blocks and never fails, like [`changed`](Self::changed).
+    pub fn announce(&self, event: String) {
+        let _ = self.tx.send(Pending::Event(event));
     }
 }
 
-async fn publish_changes(queue: QueueClient, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
+async fn publish_changes(queue: QueueClient, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut failing = false;
     while let Some(first) = rx.recv().await {
-        let mut users: BTreeSet<String> = first.into_iter().collect();
-        while let Ok(more) = rx.try_recv() {
-            users.extend(more);
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        let mut events: Vec<String> = Vec::new();
+        let mut next = Some(first);
+        while let Some(pending) = next {
+            match pending {
+                Pending::Users(more) => users.extend(more),
+                Pending::Event(event) => events.push(event),
+            }
+            next = rx.try_recv().ok();
         }
         let users: Vec<String> = users.into_iter().collect();
-        match queue.publish_user_changes(&users).await {
+        match queue.publish_changes(&users, &events).await {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("publishing change events again");
