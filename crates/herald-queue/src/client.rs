@@ -160,24 +160,20 @@ impl QueueClient {
         })
     }
 
-    /// Publishes a user-facing event (JSON) for live clients. Best effort
-    /// by nature (pub/sub keeps nothing): clients that miss one catch up
-    /// from Postgres.
-    pub async fn publish_event(&self, event: &str) -> Result<(), QueueError> {
-        self.publish_changes(&[], std::slice::from_ref(&event)).await
-    }
-
     /// Publishes `{"type":"user.changed","users":[…]}` for these users
     /// (call after the change committed): API processes wake the clients
     /// waiting for them. One message per [`crate::events::USERS_PER_EVENT`]
     /// users, all in one round trip.
     pub async fn publish_user_changes(&self, users: &[String]) -> Result<(), QueueError> {
-        self.publish_changes::<&str>(users, &[]).await
+        self.publish_changes(users, &[]).await
     }
 
     /// [`publish_user_changes`](Self::publish_user_changes) for `users`,
-    /// then each of `events` as published, all in one round trip.
-    pub async fn publish_changes<E: AsRef<str>>(&self, users: &[String], events: &[E]) -> Result<(), QueueError> {
+    /// then each of `events` (user-facing JSON, such as
+    /// `inbox.item.created`) as it is, all in one round trip. Best effort
+    /// by nature (pub/sub keeps nothing): clients that miss one catch up
+    /// from Postgres.
+    pub async fn publish_changes(&self, users: &[String], events: &[String]) -> Result<(), QueueError> {
         if users.is_empty() && events.is_empty() {
             return Ok(());
         }
@@ -188,16 +184,16 @@ impl QueueClient {
             pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
         }
         for event in events {
-            pipe.cmd("PUBLISH").arg(&channel).arg(event.as_ref()).ignore();
+            pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
         }
-        self.run("publish user changes", |mut c| {
+        self.run("publish change events", |mut c| {
             let pipe = &pipe;
             async move { pipe.query_async::<()>(&mut c).await }
         })
         .await
     }
 
-    /// The pub/sub channel [`publish_event`](Self::publish_event) uses.
+    /// The pub/sub channel [`publish_changes`](Self::publish_changes) uses.
     #[must_use]
     pub fn events_channel(&self) -> String {
         events_channel(&self.inner.cfg.prefix)
