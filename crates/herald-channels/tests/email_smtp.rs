@@ -359,6 +359,29 @@ async fn a_line_break_in_the_title_or_body_cannot_add_a_header_or_a_message_at_t
 }
 
 #[tokio::test]
+async fn lines_that_start_with_a_dot_arrive_as_written() {
+    let sink = SmtpSink::start(SmtpSinkOptions::plain());
+    let sender = sender_for(&sink);
+    let text = ".starts the body\n..two dots\n.\nend.";
+
+    send(&sender, &address::accept("ada"), "dlv_dots", "Dots", text)
+        .await
+        .unwrap();
+
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        got[0]
+            .text
+            .as_deref()
+            .map(|t| t.replace("\r\n", "\n"))
+            .as_deref()
+            .map(str::trim_end),
+        Some(text)
+    );
+}
+
+#[tokio::test]
 async fn consecutive_sends_reuse_one_pooled_connection() {
     let sink = SmtpSink::start(SmtpSinkOptions::starttls());
     let sender = sender_for(&sink);
