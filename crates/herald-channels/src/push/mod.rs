@@ -269,6 +269,10 @@ impl Providers {
     }
 
     async fn send(&self, message: &PushMessage<'_>, targets: &[Target<'_>]) -> Vec<DeviceResult> {
+        // Most users have one device: no stream to set up for it.
+        if let [target] = targets {
+            return vec![self.send_one(message, target).await];
+        }
         // Collected first: a lazy `map` inside the stream would make the
         // future lose `Send` (a higher-ranked lifetime limitation of rustc).
         let sends: Vec<_> = targets.iter().map(|t| self.send_one(message, t)).collect();
