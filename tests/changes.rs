@@ -522,6 +522,63 @@ async fn the_stream_sends_each_change_and_resumes_from_the_last_event_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_after_a_fresh_stream_answered_is_sent_even_when_its_first_query_waited() {
+    let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
+    let token = token_for(&app, "u_open").await;
+    let (_, deliveries) = post_notification(&app, "u_open", "before").await;
+    let change = "UPDATE deliveries SET status = 'sending', attempt = 1, updated_at = now() WHERE id = $1";
+
+    // The stream's queries wait behind this lock, as on a busy API.
+    let mut lock = app.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let request = app.http.get(app.url("/v1/me/stream")).bearer_auth(&token).send();
+    tokio::pin!(request);
+    let mut res = match tokio::time::timeout(Duration::from_millis(700), &mut request).await {
+        // Answered before its starting point was fixed: a change committed
+        // now is after the 200, so it must still be sent.
+        Ok(res) => {
+            sqlx::query(change)
+                .bind(&deliveries[0])
+                .execute(&mut *lock)
+                .await
+                .unwrap();
+            lock.commit().await.unwrap();
+            res.unwrap()
+        }
+        // Waiting for its starting point: the change comes once it answered.
+        Err(_) => {
+            lock.commit().await.unwrap();
+            let res = request.await.unwrap();
+            sqlx::query(change)
+                .bind(&deliveries[0])
+                .execute(app.pool())
+                .await
+                .unwrap();
+            res
+        }
+    };
+    assert_eq!(res.status(), 200);
+    let events = read_events(&mut res, Duration::from_secs(10), |events| {
+        events
+            .iter()
+            .any(|e| e.event == "delivery" && e.data.contains("\"sending\""))
+    })
+    .await;
+    assert!(
+        events.iter().any(|e| {
+            e.event == "delivery"
+                && serde_json::from_str::<Value>(&e.data)
+                    .is_ok_and(|c| c["delivery_id"] == deliveries[0].as_str() && c["status"] == "sending")
+        }),
+        "the change after the 200 was not sent: {events:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_ends_when_the_user_token_expires() {
     let app = TestApp::spawn_with(Parts::api_only(), |_| {}).await;
     let exp = std::time::SystemTime::now()

@@ -203,7 +203,8 @@ pub async fn get_changes(
 
 /// A live stream of the signed-in user's changes (Server-Sent Events).
 ///
-/// Events: `ready` first (with an `id` when the stream starts from "now"),
+/// Events: `ready` first (with an `id` when the stream starts from "now",
+/// which is when the response starts: a change after it is sent),
 /// then one `delivery` or `inbox_item` event per change, `data` being the
 /// same JSON as in `/v1/me/changes`. The last event of each batch carries
 /// `id:` = the cursor after it: reconnect with `Last-Event-ID` (or
@@ -252,9 +253,20 @@ pub async fn stream(
         .unwrap_or_default();
     let heartbeat = state.settings.sse_heartbeat;
     let user = session.user.to_string();
+    // Subscribed before any query: a change that commits meanwhile wakes it.
+    let waiter = state.hub.subscribe(&user);
+    // Without a cursor the stream starts from "now", fixed before the 200
+    // goes out: every change the client could expect after seeing it is
+    // sent. Were "now" taken by the stream's first query, which runs after
+    // the headers (later still on a busy API), a change made in between
+    // would count as already seen.
+    let fresh = cursor.is_none();
+    if fresh {
+        cursor = Some(Box::pin(fetch_page(&state, &user, None, 100)).await?.next);
+    }
     let live = Live {
-        waiter: state.hub.subscribe(&user),
-        fresh: cursor.is_none(),
+        waiter,
+        fresh,
         state,
         user,
         cursor,
