@@ -261,9 +261,10 @@ pub async fn stream(
     // the headers (later still on a busy API), a change made in between
     // would count as already seen.
     let fresh = cursor.is_none();
-    if fresh {
-        cursor = Some(Box::pin(fetch_page(&state, &user, None, 100)).await?.next);
-    }
+    let cursor = match cursor {
+        Some(cursor) => cursor,
+        None => Box::pin(fetch_page(&state, &user, None, 100)).await?.next,
+    };
     let live = Live {
         waiter,
         fresh,
@@ -286,7 +287,7 @@ struct Live {
     state: AppState,
     user: String,
     waiter: Waiter,
-    cursor: Option<Cursor>,
+    cursor: Cursor,
     /// Started without a cursor: the `ready` event carries the "now" one.
     fresh: bool,
     expires: Instant,
@@ -334,7 +335,7 @@ impl Live {
                 next,
                 has_more,
                 stalled,
-            } = match Box::pin(fetch_page(&self.state, &self.user, self.cursor.as_ref(), 100)).await {
+            } = match Box::pin(fetch_page(&self.state, &self.user, Some(&self.cursor), 100)).await {
                 Ok(p) => p,
                 Err(e) => {
                     // Already logged by ApiError; the client reconnects
@@ -361,7 +362,7 @@ impl Live {
             }
             self.query_now = has_more && !stalled;
             self.stalled = stalled;
-            self.cursor = Some(next);
+            self.cursor = next;
         }
     }
 }
