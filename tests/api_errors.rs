@@ -337,6 +337,19 @@ async fn the_api_answers_503_not_500_when_postgres_is_unreachable() {
     let (s, b) = status_and_json(res).await;
     assert_eq!(s, 503, "{b}");
     assert_ne!(b["redis"], "ok");
+    // A live stream fixes its starting point before it answers: without
+    // Postgres that is a 503 too, not a 200 that ends at once.
+    let (s, t) = app.post_json("/v1/users/u_1/tokens", &json!({})).await;
+    assert_eq!(s, 201, "{t}");
+    let res = app
+        .http
+        .get(format!("http://{addr}/v1/me/stream"))
+        .bearer_auth(t["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let (s, b) = status_and_json(res).await;
+    expect_error(s, &b, 503, "database_unavailable");
     server.abort();
     app.stop().await;
 }
