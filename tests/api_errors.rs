@@ -456,3 +456,61 @@ async fn without_the_key_cache_a_revoked_key_is_refused_at_once() {
     expect_error(s, &b, 401, "invalid_api_key");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_a_notification_commits_is_a_503_that_says_it_may_be_stored() {
+    let app = app().await;
+    // Hold the notifications table, so the API's accept statement (which
+    // commits as it ends) waits in flight; then cut its connection, as a
+    // Postgres crash would at the moment of its commit.
+    let mut lock = app.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE notifications IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let body = json!({"user_id": "u_doubt", "channels": ["in_app"], "title": "x"});
+    let post = tokio::spawn(app.request(Method::POST, "/v1/notifications").json(&body).send());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let pid: i32 = loop {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE '%INSERT INTO notifications%'",
+        )
+        .fetch_optional(app.pool())
+        .await
+        .unwrap();
+        if let Some(pid) = waiting {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the accept statement never waited on the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let res = post.await.unwrap().unwrap();
+    assert_eq!(res.headers()["retry-after"], "1");
+    let (s, b) = status_and_json(res).await;
+    let message = expect_error(s, &b, 503, "database_unavailable");
+    assert_eq!(b["error"]["details"]["stored"], "unknown", "{b}");
+    assert!(
+        message.contains("may have been stored") && message.contains("Idempotency-Key"),
+        "{message}"
+    );
+    lock.rollback().await.unwrap();
+    // This one never reached its commit; the API takes requests again on a
+    // fresh connection.
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications WHERE user_id = 'u_doubt'")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    let (s, b) = app.post_json("/v1/notifications", &body).await;
+    assert_eq!(s, 202, "{b}");
+    app.stop().await;
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use herald_core::Channel;
 use herald_testkit::process::WorkerProcess;
 use herald_testkit::servers::{PrivatePostgres, PrivateRedis};
-use herald_testkit::{Parts, TestApp};
+use herald_testkit::{Parts, TestApp, status_and_json};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -99,9 +99,19 @@ fn sink_counts(app: &TestApp) -> HashMap<String, usize> {
 
 /// Waits until every delivery is final (tolerating a database that is
 /// briefly down), then checks the three promises. Returns the duplicates.
-async fn check_nothing_lost(app: &TestApp, expected: usize, label: &str, started: Instant) -> usize {
+///
+/// `expected` is how many deliveries there must be: exactly the accepted
+/// ones, plus at most those whose request got a 503 saying it may have
+/// been stored (the connection failed while it committed).
+async fn check_nothing_lost(
+    app: &TestApp,
+    expected: std::ops::RangeInclusive<usize>,
+    label: &str,
+    started: Instant,
+) -> usize {
     let deadline = Instant::now() + FINAL_WAIT;
-    let expected = i64::try_from(expected).unwrap_or(i64::MAX);
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let expected = as_i64(*expected.start())..=as_i64(*expected.end());
     loop {
         let counts: Result<(i64, i64), _> = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE status IN ('sent','delivered','failed','dead','cancelled','skipped'))
@@ -110,7 +120,11 @@ async fn check_nothing_lost(app: &TestApp, expected: usize, label: &str, started
         .fetch_one(app.pool())
         .await;
         if let Ok((total, done)) = counts {
-            assert_eq!(total, expected, "{label}: every accepted notification has its delivery");
+            assert!(
+                expected.contains(&total),
+                "{label}: every accepted notification has its delivery, and no other: {total} deliveries, \
+                 expected {expected:?}"
+            );
             if done == total {
                 break;
             }
@@ -172,7 +186,7 @@ async fn a_worker_killed_with_sigkill_several_times_loses_nothing() {
         w.kill();
     }
     let mut last = WorkerProcess::spawn(&app.env, Channel::Push);
-    let dups = check_nothing_lost(&app, n, "SIGKILL x3", started).await;
+    let dups = check_nothing_lost(&app, n..=n, "SIGKILL x3", started).await;
     // Each kill can leave at most the sends in flight unrecorded.
     assert!(
         dups <= KILLS * CONCURRENCY as usize,
@@ -229,7 +243,7 @@ async fn redis_loses_everything_during_delivery(flush: bool) {
     };
     println!("{label}: {waiting} deliveries were still waiting when Redis lost its data");
     assert!(waiting > 0, "the fault must land during delivery");
-    let dups = check_nothing_lost(&app, n, label, started).await;
+    let dups = check_nothing_lost(&app, n..=n, label, started).await;
     assert!(dups <= 2 * CONCURRENCY as usize, "{dups} duplicates");
     assert!(worker.terminate(Duration::from_secs(20)));
     app.stop().await;
@@ -243,6 +257,65 @@ async fn redis_killed_and_restarted_empty_during_delivery_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_during_delivery_loses_nothing() {
     redis_loses_everything_during_delivery(true).await;
+}
+
+fn probe_body() -> serde_json::Value {
+    json!({"user_id": "u_f", "channels": ["push"], "title": "probe"})
+}
+
+/// What the API answered the probes sent while Postgres restarted.
+#[derive(Default)]
+struct Probes {
+    seen: std::collections::BTreeMap<u16, usize>,
+    /// 202s.
+    accepted: usize,
+    /// Keys of the probes whose 503 said they may have been stored.
+    in_doubt_keyed: Vec<String>,
+    /// Probes without a key whose 503 said so: each may have stored one.
+    in_doubt_unkeyed: usize,
+}
+
+impl Probes {
+    async fn record(&mut self, res: reqwest::Response, key: Option<String>) {
+        let (status, body) = status_and_json(res).await;
+        *self.seen.entry(status).or_insert(0) += 1;
+        match status {
+            202 => self.accepted += 1,
+            503 => {
+                assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+                if body["error"]["details"]["stored"] == "unknown" {
+                    match key {
+                        Some(k) => self.in_doubt_keyed.push(k),
+                        None => self.in_doubt_unkeyed += 1,
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends each in-doubt probe that has a key again, with that key,
+    /// until it is answered 202 (the first answer replayed if it had been
+    /// stored, a fresh one if not): one notification each either way.
+    async fn settle_in_doubt(&self, app: &TestApp) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for key in &self.in_doubt_keyed {
+            loop {
+                let res = app
+                    .request(reqwest::Method::POST, "/v1/notifications")
+                    .header("idempotency-key", key)
+                    .json(&probe_body())
+                    .send()
+                    .await;
+                if res.is_ok_and(|r| r.status() == 202) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "probe {key} not settled within 30 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.in_doubt_keyed.len()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,22 +335,32 @@ async fn postgres_restarted_fast_and_immediate_during_delivery_loses_nothing() {
     let started = Instant::now();
     let mut worker = WorkerProcess::spawn(&app.env, Channel::Push);
     let waiting = wait_until_sent(&app, 100).await;
-    // Requests during the restarts: a 202 (stored) or a 503 with
-    // Retry-After (nothing stored), never a 500.
+    // Requests during the restarts: a 202 (stored), or a 503 with
+    // Retry-After that says either that nothing was stored or, when the
+    // connection failed while the request committed, that it may have
+    // been; never a 500. Every other probe carries an Idempotency-Key, so
+    // its in-doubt 503s can be settled afterwards as a client would: by
+    // sending it again with the same key.
     let stop = tokio_util::sync::CancellationToken::new();
     let prober = {
         let (stop, req) = (stop.clone(), app.request(reqwest::Method::POST, "/v1/notifications"));
         tokio::spawn(async move {
-            let mut seen = std::collections::BTreeMap::new();
+            let mut probes = Probes::default();
+            let mut i = 0;
             while !stop.is_cancelled() {
                 let Some(r) = req.try_clone() else { break };
-                let r = r.json(&json!({"user_id": "u_f", "channels": ["push"], "title": "probe"}));
-                if let Ok(res) = r.send().await {
-                    *seen.entry(res.status().as_u16()).or_insert(0) += 1;
+                i += 1;
+                let key = (i % 2 == 0).then(|| format!("probe-{i}"));
+                let r = match &key {
+                    Some(k) => r.header("idempotency-key", k),
+                    None => r,
+                };
+                if let Ok(res) = r.json(&probe_body()).send().await {
+                    probes.record(res, key).await;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            seen
+            probes
         })
     };
     pg.restart("fast");
@@ -285,18 +368,24 @@ async fn postgres_restarted_fast_and_immediate_during_delivery_loses_nothing() {
     pg.restart("immediate");
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
-    let seen = prober.await.unwrap();
-    println!("Postgres restart: API answers during the restarts: {seen:?}");
-    assert!(
-        seen.keys().all(|s| *s == 202 || *s == 503),
-        "only 202 or 503 while Postgres restarts: {seen:?}"
+    let probes = prober.await.unwrap();
+    println!(
+        "Postgres restart: API answers during the restarts: {:?}; in doubt: {} with a key, {} without",
+        probes.seen,
+        probes.in_doubt_keyed.len(),
+        probes.in_doubt_unkeyed
     );
-    let probes_accepted: usize = seen.get(&202).copied().unwrap_or(0);
+    assert!(
+        probes.seen.keys().all(|s| *s == 202 || *s == 503),
+        "only 202 or 503 while Postgres restarts: {:?}",
+        probes.seen
+    );
+    let accepted = n + probes.accepted + probes.settle_in_doubt(&app).await;
     println!("Postgres restart: {waiting} deliveries were still waiting at the first restart");
     assert!(waiting > 0, "the fault must land during delivery");
     let dups = check_nothing_lost(
         &app,
-        n + probes_accepted,
+        accepted..=accepted + probes.in_doubt_unkeyed,
         "Postgres restarted (fast, then immediate)",
         started,
     )
@@ -343,7 +432,7 @@ async fn a_worker_stopped_past_its_lease_cannot_overwrite_the_newer_attempt() {
     };
     println!("SIGSTOP: the stopped worker holds {held} claims");
     let mut rescuer = WorkerProcess::spawn(&app.env, Channel::Push);
-    check_nothing_lost(&app, n, "SIGSTOP past the lease (before resuming)", started).await;
+    check_nothing_lost(&app, n..=n, "SIGSTOP past the lease (before resuming)", started).await;
     let before: Vec<(String, String, i32)> = sqlx::query_as("SELECT id, status, attempt FROM deliveries ORDER BY id")
         .fetch_all(app.pool())
         .await
@@ -403,7 +492,7 @@ async fn sigterm_during_delivery_loses_and_duplicates_nothing() {
     );
     assert_eq!(in_flight, 0, "in-flight deliveries are finished before exiting");
     let mut second = WorkerProcess::spawn(&app.env, Channel::Push);
-    let dups = check_nothing_lost(&app, n, "SIGTERM during delivery", started).await;
+    let dups = check_nothing_lost(&app, n..=n, "SIGTERM during delivery", started).await;
     assert_eq!(dups, 0, "a graceful stop sends nothing twice");
     assert!(second.terminate(Duration::from_secs(20)));
     app.stop().await;

@@ -102,8 +102,20 @@ impl From<InvalidField> for ApiError {
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
+        Self::from_db(&e)
+    }
+}
+
+impl ApiError {
+    /// The answer to a database error, also for one shared by a batch's
+    /// requests. Unavailable is a 503 (`database_unavailable`, with
+    /// `Retry-After`); its message says whether the request was stored:
+    /// not at all, or, when the connection failed while the write was
+    /// committing, perhaps (`details.stored` = `"unknown"`), in which case
+    /// a retry with the same `Idempotency-Key` is the safe one.
+    pub fn from_db(e: &DbError) -> Self {
         match e {
-            DbError::Unavailable(ref inner) => {
+            DbError::Unavailable(inner) => {
                 tracing::warn!(error = %inner, "database unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -111,7 +123,18 @@ impl From<DbError> for ApiError {
                     "the database is unavailable; retry shortly (nothing was stored)",
                 )
             }
-            other => Self::internal(&other),
+            DbError::InDoubt(inner) => {
+                tracing::warn!(error = %inner, "database unavailable while committing");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database became unavailable while this request was being stored, so it may have \
+                     been stored; retry with the same Idempotency-Key, which answers with the first 202 if \
+                     it was, or check before sending it again",
+                )
+                .with_details(serde_json::json!({ "stored": "unknown" }))
+            }
+            other => Self::internal(other),
         }
     }
 }

@@ -119,7 +119,11 @@ impl Ingestor {
                 let (items, priorities): (Vec<NewNotificationWithDeliveries>, Vec<Priority>) =
                     submissions.into_iter().map(|s| (s.item, s.priority)).unzip();
                 let mut conn = sinks.held.acquire().await?;
-                let inserted = herald_db::notifications::insert_notifications(&mut *conn, &items).await?;
+                // One statement, committed as it ends: a connection lost
+                // during it leaves the batch in doubt.
+                let inserted = herald_db::notifications::insert_notifications(&mut *conn, &items)
+                    .await
+                    .map_err(DbError::while_committing)?;
                 conn.keep();
                 let accepted = inserted.accepted;
                 // Committed: clients waiting for these users may look now.

@@ -256,7 +256,7 @@ pub async fn create_notification(
                 priority: v.priority,
             })
             .await
-            .map_err(|e| db_error(&e))?,
+            .map_err(|e| ApiError::from_db(&e))?,
         Some((key, hash)) => match accept_idempotent(&state, &caller, &key, &hash, item, v.priority).await? {
             Ok(accepted) => accepted,
             Err(replay) => return Ok(replay),
@@ -264,19 +264,6 @@ pub async fn create_notification(
     };
     tracing::info!(notification_id = %id, user_id = %user_id, channels = accepted.deliveries.len(), "notification accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted_body(id, user_id, &accepted))).into_response())
-}
-
-/// Maps a shared database error (one batch answers many requests).
-fn db_error(e: &herald_db::DbError) -> ApiError {
-    if e.is_unavailable() {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "the database is unavailable; retry shortly (nothing was stored)",
-        )
-    } else {
-        ApiError::internal(e)
-    }
 }
 
 /// The idempotent path: its own transaction, so the key's reservation, the
@@ -323,7 +310,9 @@ async fn accept_idempotent(
     );
     let stored = serde_json::to_value(&body).map_err(|e| ApiError::internal(&e))?;
     herald_db::notifications::store_idempotent_response(&mut tx, caller.key_id(), key, 202, &stored).await?;
-    tx.commit().await.map_err(herald_db::DbError::from)?;
+    tx.commit()
+        .await
+        .map_err(|e| herald_db::DbError::from(e).while_committing())?;
     let request_id = item.notification.request_id.as_deref();
     let jobs = crate::ingest::jobs_for([(&accepted, priority, request_id)]);
     crate::ingest::push_jobs(state.sinks().clone(), jobs, inserted.push_intent).await;

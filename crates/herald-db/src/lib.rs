@@ -31,6 +31,12 @@ pub enum DbError {
     /// Postgres cannot be reached or is restarting: callers answer 503 and retry.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The connection failed while a statement that commits (or a
+    /// `COMMIT`) was under way: the write may or may not have committed
+    /// (Postgres may have made it durable just before the connection
+    /// went). Unavailable all the same: callers answer 503, saying so.
+    #[error("database unavailable while committing (the write may have committed): {0}")]
+    InDoubt(#[source] sqlx::Error),
     /// A unique constraint was violated (the constraint's name is given).
     #[error("unique constraint `{constraint}` violated")]
     Conflict { constraint: String },
@@ -45,7 +51,18 @@ pub enum DbError {
 impl DbError {
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::InDoubt(_))
+    }
+
+    /// For the error of a statement that commits, or of a `COMMIT`: an
+    /// unavailable database there leaves the write in doubt
+    /// ([`DbError::InDoubt`]). Other errors are kept as they are.
+    #[must_use]
+    pub fn while_committing(self) -> Self {
+        match self {
+            Self::Unavailable(e) => Self::InDoubt(e),
+            other => other,
+        }
     }
 }
 
