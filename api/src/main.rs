@@ -3,10 +3,15 @@
 use anyhow::Context;
 use herald_config::Settings;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("invalid configuration")?;
     herald_telemetry::init(settings.log_format);
+    herald_telemetry::runtime(settings.runtime_threads)
+        .context("starting the async runtime (HERALD_RUNTIME_THREADS)")?
+        .block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
     let bind = settings.bind;
     let state = herald_api::AppState::new(settings)?;
     herald_db::migrate_with_retry(&state.pool, std::time::Duration::from_secs(30))

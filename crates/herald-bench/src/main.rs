@@ -103,6 +103,9 @@ struct Args {
     /// Extra `KEY=VALUE` settings for Herald's processes (tuning experiments).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Like `--set`, for the worker processes only.
+    #[arg(long = "set-workers", value_name = "KEY=VALUE")]
+    set_workers: Vec<String>,
 }
 
 struct Sizes {
@@ -156,6 +159,8 @@ struct Bench {
     queue: QueueClient,
     redis: redis::aio::MultiplexedConnection,
     env: HashMap<String, String>,
+    /// `env` with `--set-workers` on top.
+    worker_env: HashMap<String, String>,
     log_dir: tempfile::TempDir,
     api: Option<HeraldProcess>,
     api_addr: std::net::SocketAddr,
@@ -340,6 +345,11 @@ impl Bench {
             let (k, v) = kv.split_once('=').context("--set takes KEY=VALUE")?;
             env.insert(k.to_owned(), v.to_owned());
         }
+        let mut worker_env = env.clone();
+        for kv in &args.set_workers {
+            let (k, v) = kv.split_once('=').context("--set-workers takes KEY=VALUE")?;
+            worker_env.insert(k.to_owned(), v.to_owned());
+        }
 
         let users = seed::users(&db.pool, args.users.max(1)).await?;
         let scopes = vec!["send".to_owned(), "read".to_owned()];
@@ -368,6 +378,7 @@ impl Bench {
             queue,
             redis,
             env,
+            worker_env,
             log_dir,
             api: None,
             api_addr,
@@ -414,8 +425,12 @@ impl Bench {
 
     fn start_workers(&mut self) -> anyhow::Result<()> {
         for name in cluster::WORKERS {
-            self.workers
-                .push(HeraldProcess::spawn(&self.dir, name, &self.env, self.log_dir.path())?);
+            self.workers.push(HeraldProcess::spawn(
+                &self.dir,
+                name,
+                &self.worker_env,
+                self.log_dir.path(),
+            )?);
         }
         Ok(())
     }

@@ -45,6 +45,7 @@ variables! {
     "HERALD_API_KEY_CACHE_SECS" = Some("5"), "How long the API trusts an API key it authenticated without asking Postgres again; a revoked key keeps working for at most this long per API process. 0 turns the cache off.";
     "HERALD_SSE_HEARTBEAT_SECS" = Some("15"), "How often the live stream (GET /v1/me/stream) sends a heartbeat comment while idle, so proxies keep the connection open (1 to 300).";
     "HERALD_LOG_FORMAT" = Some("pretty"), "`pretty` or `json` (production defaults to json).";
+    "HERALD_RUNTIME_THREADS" = None, "Threads of a process's async runtime (1 to 1024). Default: 1 in a worker process (each uses one core: run more workers for more), one per CPU available to the process in the API and `herald`.";
     "HERALD_WORKER_CONCURRENCY" = Some("256"), "Deliveries one worker process handles at once; its claims and results share bigger batches with more (email sends beyond HERALD_SMTP_MAX_CONNECTIONS wait for a free connection).";
     "HERALD_LEASE_SECS" = Some("30"), "How long a claimed delivery or fetched job is held before another worker may take it.";
     "HERALD_FETCH_BATCH" = Some("64"), "Jobs a worker fetches from Redis per round trip.";
@@ -190,6 +191,10 @@ pub struct Settings {
     /// Idle heartbeat of the clients' live stream.
     pub sse_heartbeat: Duration,
     pub log_format: LogFormat,
+    /// Threads of the process's async runtime (`HERALD_RUNTIME_THREADS`);
+    /// `None` when unset, for the binary's own default
+    /// (`herald_telemetry::runtime`).
+    pub runtime_threads: Option<usize>,
     /// Deliveries a worker process handles at once
     /// (`HERALD_WORKER_CONCURRENCY`). A worker's claims and results are
     /// batched, and more deliveries in flight make bigger batches, so less
@@ -329,6 +334,10 @@ impl Settings {
             api_key_cache: Duration::from_secs(src.parse_in("HERALD_API_KEY_CACHE_SECS", 0..=3600)?),
             sse_heartbeat: Duration::from_secs(src.parse_in("HERALD_SSE_HEARTBEAT_SECS", 1..=300)?),
             log_format,
+            runtime_threads: match src.get("HERALD_RUNTIME_THREADS") {
+                Some(_) => Some(src.parse_in("HERALD_RUNTIME_THREADS", 1..=1024)?),
+                None => None,
+            },
             worker_concurrency: src.parse_in("HERALD_WORKER_CONCURRENCY", 1..=10_000)?,
             smtp_max_connections: src.parse_in("HERALD_SMTP_MAX_CONNECTIONS", 1..=1_000)?,
             lease: Duration::from_secs(src.parse_in("HERALD_LEASE_SECS", 1..=3600)?),
@@ -597,6 +606,18 @@ mod tests {
         assert_eq!(err.variable, "HERALD_USER_TOKEN_SECRET");
         let err = Settings::from_map(&env(&[("HERALD_USER_TOKEN_SECRET", "short")])).unwrap_err();
         assert_eq!(err.variable, "HERALD_USER_TOKEN_SECRET");
+    }
+
+    #[test]
+    fn runtime_threads_are_left_to_the_binary_unless_set_and_in_range() {
+        assert_eq!(Settings::from_map(&env(&[])).unwrap().runtime_threads, None);
+        let s = Settings::from_map(&env(&[("HERALD_RUNTIME_THREADS", "4")])).unwrap();
+        assert_eq!(s.runtime_threads, Some(4));
+        let err = Settings::from_map(&env(&[("HERALD_RUNTIME_THREADS", "0")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "HERALD_RUNTIME_THREADS: `0` is not valid: expected a whole number from 1 to 1024"
+        );
     }
 
     #[test]

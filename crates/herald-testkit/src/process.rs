@@ -30,8 +30,7 @@ pub fn run_child_worker_if_requested() {
         return;
     };
     let channel: Channel = role.parse().expect("a channel name");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(herald_workers::main_for(channel)).expect("worker ran");
+    herald_workers::main_for(channel).expect("worker ran");
 }
 
 /// A worker process started by a test.

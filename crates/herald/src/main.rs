@@ -17,10 +17,15 @@ use herald_core::Channel;
 /// this binary refuses to run there, and only this binary creates it.
 pub const DEV_API_KEY: &str = "hk_devlocal_heraldlocaldevelopmentkey0000000";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("invalid configuration")?;
     herald_telemetry::init(settings.log_format);
+    herald_telemetry::runtime(settings.runtime_threads)
+        .context("starting the async runtime (HERALD_RUNTIME_THREADS)")?
+        .block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
     anyhow::ensure!(
         !settings.is_production(),
         "`herald` is the development all-in-one; in production run herald-api and the herald-*-worker binaries"

@@ -1,6 +1,5 @@
 //! `herald-email-worker`: delivers the email channel (deploy and scale on its own).
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    herald_workers::main_for(herald_core::Channel::Email).await
+fn main() -> anyhow::Result<()> {
+    herald_workers::main_for(herald_core::Channel::Email)
 }

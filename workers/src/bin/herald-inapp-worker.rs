@@ -1,6 +1,5 @@
 //! `herald-inapp-worker`: delivers the inapp channel (deploy and scale on its own).
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    herald_workers::main_for(herald_core::Channel::InApp).await
+fn main() -> anyhow::Result<()> {
+    herald_workers::main_for(herald_core::Channel::InApp)
 }

@@ -1,6 +1,5 @@
 //! `herald-push-worker`: delivers the push channel (deploy and scale on its own).
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    herald_workers::main_for(herald_core::Channel::Push).await
+fn main() -> anyhow::Result<()> {
+    herald_workers::main_for(herald_core::Channel::Push)
 }
