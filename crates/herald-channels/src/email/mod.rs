@@ -93,7 +93,13 @@ pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendE
         html_escape(&subject),
         html_escape(email.text)
     );
+    // The envelope given, so that `build()` does not parse it back out of
+    // the From and To headers it was just given (lettre keeps headers
+    // encoded; that parse was 3.7% of the email worker's profile).
+    let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![to.email.clone()])
+        .map_err(|e| SendError::new(ErrorClass::Permanent, format!("message could not be built: {e}")))?;
     Message::builder()
+        .envelope(envelope)
         .from(from.clone())
         .to(to)
         .subject(subject)
@@ -222,6 +228,31 @@ mod tests {
         assert!(text.contains("X-Herald-Delivery-Id: dlv_01JABCDEFGHJKMNPQRSTVWXYZ0"));
         assert!(text.contains("Message-ID: <dlv_01JABCDEFGHJKMNPQRSTVWXYZ0@herald>"));
         assert!(text.contains("text/plain") && text.contains("text/html"));
+    }
+
+    #[test]
+    fn the_envelope_is_the_from_and_to_of_the_headers() {
+        let to = EmailAddress::parse("Ada.Lovelace+news@example.com").unwrap();
+        let msg = build_message(
+            &from(),
+            &Email {
+                delivery_id: "dlv_01JABCDEFGHJKMNPQRSTVWXYZ1",
+                to: &to,
+                subject: "Hi",
+                text: "body",
+            },
+        )
+        .unwrap();
+        let envelope = msg.envelope();
+        assert_eq!(
+            envelope.from().map(ToString::to_string).as_deref(),
+            Some("herald@example.com")
+        );
+        let rcpt: Vec<String> = envelope.to().iter().map(ToString::to_string).collect();
+        assert_eq!(rcpt, ["Ada.Lovelace+news@example.com"]);
+        let text = String::from_utf8(msg.formatted()).unwrap();
+        assert!(text.contains("From: Herald <herald@example.com>\r\n"), "{text}");
+        assert!(text.contains("To: Ada.Lovelace+news@example.com\r\n"), "{text}");
     }
 
     #[test]
