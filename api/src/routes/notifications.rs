@@ -161,7 +161,10 @@ fn validate(req: CreateNotification) -> ApiResult<Validated> {
 /// committed; delivery happens afterwards. Poll `GET /v1/notifications/{id}`
 /// for progress. With an `Idempotency-Key` header (per API key, kept at
 /// least 24 hours), a repeat of the same request answers the original
-/// response (`Idempotent-Replayed: true`) and creates nothing.
+/// response (`Idempotent-Replayed: true`) and creates nothing. A 503
+/// means nothing was stored, except one whose `details.stored` is
+/// `"unknown"`: the connection to Postgres failed while the request
+/// committed, so it may have been; retry it with the same key.
 #[utoipa::path(
     post, path = "/v1/notifications", tag = "notifications",
     request_body = CreateNotification,
@@ -174,7 +177,7 @@ fn validate(req: CreateNotification) -> ApiResult<Validated> {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is invalid", body = ErrorBody),
-        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry. Nothing was stored, unless `details.stored` is `\"unknown\"` (the connection failed while the request committed): retry that one with the same Idempotency-Key", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
