@@ -120,10 +120,16 @@ pub fn cores(usage: &[(&str, f64)], name: &str) -> f64 {
 /// measured: CPU time per unit of work for each process group, the cores
 /// the target would take at that cost, and a floor that Herald cannot
 /// lower: Postgres at the cost of the database ceiling's best batching
-/// (`pg_floor_us`, Herald's own statements with nothing else running) plus
-/// the bench process (load generator and sinks, which stand in for
-/// Herald's clients and providers). A floor above the machine's cores puts
-/// the target out of reach here, however lean Herald's own processes get.
+/// (`pg_floor_us`, Herald's own statements with nothing else running), the
+/// bench process (load generator and sinks, which stand in for Herald's
+/// clients and providers) and `floor_parts`, each a part of the workers' work
+/// measured alone at its cheapest (the ceiling's client side of the
+/// statements; alone.rs: the client side of the protocols the sinks answer,
+/// the queue's worker side, Redis). Parts measured alone, with the machine
+/// to themselves and their best batching, cost no more than they do side
+/// by side, so their sum is a lower bound: a floor above the machine's
+/// cores puts the target out of reach here, however lean the rest of
+/// Herald's processes get.
 pub struct Reach {
     pub text: String,
     /// The floor per unit of work, µs.
@@ -138,7 +144,14 @@ pub fn machine_cores() -> f64 {
     std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64
 }
 
-pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor_us: Option<f64>) -> Reach {
+pub fn reach(
+    usage: &[(&str, f64)],
+    rate: f64,
+    unit: &str,
+    target: f64,
+    pg_floor_us: Option<f64>,
+    floor_parts: &[(&str, f64)],
+) -> Reach {
     let us = |cores: f64| cores * 1e6 / rate.max(1e-9);
     let mut parts = Vec::new();
     let mut total = 0.0;
@@ -153,7 +166,8 @@ pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor
     }
     let machine = machine_cores();
     let bench_us = us(cores(usage, "bench"));
-    let floor_us = pg_floor_us.map(|pg| pg + bench_us);
+    let parts_us: f64 = floor_parts.iter().map(|(_, us)| *us).sum();
+    let floor_us = pg_floor_us.map(|pg| pg + bench_us + parts_us);
     let floor_cores = floor_us.map(|f| f * target / 1e6);
     let mut text = format!(
         "{} µs per {unit} ({total:.0} in all); {target:.0}/s at this cost takes {:.2} cores of {machine:.0}",
@@ -162,15 +176,19 @@ pub fn reach(usage: &[(&str, f64)], rate: f64, unit: &str, target: f64, pg_floor
     );
     if let (Some(pg), Some(cores)) = (pg_floor_us, floor_cores) {
         text.push_str(&format!(
-            "; floor {cores:.2} cores (Postgres at its ceiling's cost {pg:.0} µs + load generator and sinks {bench_us:.0} µs)"
+            "; floor {cores:.2} cores (Postgres at its ceiling's cost {pg:.0} µs + load generator and sinks {bench_us:.0} µs"
         ));
+        for (what, us) in floor_parts {
+            text.push_str(&format!(" + {what} {us:.0} µs"));
+        }
+        text.push(')');
     }
     Reach {
         text,
         floor_us,
         floor_cores,
         json: serde_json::json!({"cpu_us_per_unit": by_group, "total_us": total, "target": target,
-                                 "cores_at_target": total * target / 1e6, "floor_us": floor_us,
+                                 "cores_at_target": total * target / 1e6, "floor_us": floor_us, "floor_parts_us": floor_parts.iter().map(|(what, us)| ((*what).to_owned(), serde_json::json!(us))).collect::<serde_json::Map<_, _>>(),
                                  "floor_cores_at_target": floor_cores, "machine_cores": machine}),
     }
 }

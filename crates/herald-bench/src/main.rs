@@ -10,6 +10,7 @@
 //! See the README's "Performance" section for how to run it and what it
 //! measured.
 
+mod alone;
 mod ceiling;
 mod clients;
 mod cluster;
@@ -106,6 +107,15 @@ struct Args {
     /// Like `--set`, for the worker processes only.
     #[arg(long = "set-workers", value_name = "KEY=VALUE")]
     set_workers: Vec<String>,
+    /// Sends per channel, and jobs through the queue, in the ceiling
+    /// scenario's measurements of a worker's parts alone. Default 20,000
+    /// (quick 500).
+    #[arg(long)]
+    alone: Option<u64>,
+    /// Internal: run as the client of one part alone (`email`, `push`,
+    /// `queue`: alone.rs), with the workers' environment.
+    #[arg(long, hide = true)]
+    alone_client: Option<String>,
 }
 
 struct Sizes {
@@ -117,6 +127,8 @@ struct Sizes {
     pgbench_secs: u64,
     ceiling_ingest: u64,
     ceiling_drain: u64,
+    /// Sends per channel, and queue jobs, of the parts alone (ceiling).
+    alone: u64,
 }
 
 impl Sizes {
@@ -131,6 +143,7 @@ impl Sizes {
             pgbench_secs: args.pgbench_secs.unwrap_or(if q { 2 } else { 10 }),
             ceiling_ingest: if q { 1_000 } else { 60_000 },
             ceiling_drain: if q { 1_500 } else { 90_000 },
+            alone: args.alone.unwrap_or(if q { 500 } else { 20_000 }),
         }
     }
 }
@@ -184,8 +197,22 @@ struct Bench {
     /// at the ceiling's cheaper batching: the database's part of a floor.
     pg_floor_ingest_us: Option<f64>,
     pg_floor_drain_us: Option<f64>,
-    /// The whole floor per unit (Postgres + load generator and sinks), µs,
-    /// as the ingest and drain scenarios measured it.
+    /// The bench's CPU per notification and per delivery at those
+    /// batchings: the client side of the statements (encoding them,
+    /// decoding their rows).
+    db_client_floor_ingest_us: f64,
+    db_client_floor_drain_us: f64,
+    /// Redis's CPU per job enqueued in bulk, and the API's HTTP side per
+    /// POST, each alone (`Bench::parts_alone`).
+    redis_enqueue_floor_us: f64,
+    http_floor_ingest_us: f64,
+    /// The parts of the workers' work that no worker can skip, each
+    /// measured alone (`Bench::parts_alone`), µs per delivery: the
+    /// statements' client side, the protocols' client side, the queue's
+    /// worker side and Redis.
+    floor_parts_drain_us: Vec<(&'static str, f64)>,
+    /// The whole floor per unit (Postgres + load generator and sinks + the
+    /// protocol work), µs, as the ingest and drain scenarios measured it.
     floor_ingest_us: Option<f64>,
     floor_drain_us: Option<f64>,
     _sinks: Vec<sinks::Running>,
@@ -395,6 +422,11 @@ impl Bench {
             ceiling_e2e: None,
             pg_floor_ingest_us: None,
             pg_floor_drain_us: None,
+            db_client_floor_ingest_us: 0.0,
+            db_client_floor_drain_us: 0.0,
+            redis_enqueue_floor_us: 0.0,
+            http_floor_ingest_us: 0.0,
+            floor_parts_drain_us: Vec::new(),
             floor_ingest_us: None,
             floor_drain_us: None,
             _sinks: vec![smtp, push],
@@ -543,6 +575,19 @@ impl Bench {
         .await?;
         self.receipts.clear();
         Ok(())
+    }
+
+    /// Redis's own CPU time so far (`INFO cpu`: user and system, all its
+    /// threads), µs: finer than /proc's ticks for short phases.
+    async fn redis_cpu_us(&mut self) -> anyhow::Result<f64> {
+        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut self.redis).await?;
+        let field = |name: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((field("used_cpu_user:") + field("used_cpu_sys:")) * 1e6)
     }
 
     async fn used_memory(&mut self) -> anyhow::Result<i64> {
@@ -778,7 +823,10 @@ impl Bench {
                 best_ingest = out.rate;
             }
             let pg_us = cpu::cores(&out.cpu, "postgres") * 1e6 / out.rate;
-            self.pg_floor_ingest_us = Some(self.pg_floor_ingest_us.map_or(pg_us, |f| f.min(pg_us)));
+            if self.pg_floor_ingest_us.is_none_or(|f| pg_us < f) {
+                self.pg_floor_ingest_us = Some(pg_us);
+                self.db_client_floor_ingest_us = cpu::cores(&out.cpu, "bench") * 1e6 / out.rate;
+            }
         }
         for (label, shape) in [("herald", workers), ("big_batches", big)] {
             seed::backlog(&self.db.pool, None, &self.users, self.sizes.ceiling_drain).await?;
@@ -807,8 +855,13 @@ impl Bench {
                 best_drain = out.rate;
             }
             let pg_us = cpu::cores(&out.cpu, "postgres") * 1e6 / out.rate;
-            self.pg_floor_drain_us = Some(self.pg_floor_drain_us.map_or(pg_us, |f| f.min(pg_us)));
+            if self.pg_floor_drain_us.is_none_or(|f| pg_us < f) {
+                self.pg_floor_drain_us = Some(pg_us);
+                // The bench ran the statements: their client side.
+                self.db_client_floor_drain_us = cpu::cores(&out.cpu, "bench") * 1e6 / out.rate;
+            }
         }
+        self.parts_alone(&mut rows, &mut j).await?;
         // End to end does both for every notification on the same machine:
         // 1/I s of the database's time for its ingest, 3/D for its three
         // deliveries, at the best batching measured.
@@ -820,10 +873,141 @@ impl Bench {
         ));
         j.insert("end_to_end_derived".into(), json!({"notifications_per_sec": e2e}));
         print_table(
-            "Database ceiling (Herald's own statements from one process: no HTTP, Redis, sinks or Herald processes)",
+            "Database ceiling (Herald's own statements from one process: no HTTP, Redis, sinks or Herald processes), and the other parts alone",
             &rows,
         );
         self.report.insert("ceiling".into(), Value::Object(j));
+        Ok(())
+    }
+
+    /// A worker's parts alone (alone.rs): each channel's protocol against
+    /// the sinks, and the queue, each from a client process of its own.
+    /// Sets the workers' part of the drain's floor: the statements' client
+    /// side (from the database ceiling), the protocols' client side, the
+    /// queue's worker side and Redis, each at its cost alone.
+    async fn parts_alone(
+        &mut self,
+        rows: &mut Vec<(&'static str, String)>,
+        j: &mut serde_json::Map<String, Value>,
+    ) -> anyhow::Result<()> {
+        let n = self.sizes.alone;
+        let limit = Duration::from_secs(60 + n / 500);
+        let mut client_us = 0.0;
+        for (channel, label) in [
+            (herald_core::Channel::Email, "email sender alone"),
+            (herald_core::Channel::Push, "push sender alone"),
+        ] {
+            let received = |r: &AllReceipts| match channel {
+                herald_core::Channel::Email => r.email.unique(),
+                _ => r.push.unique(),
+            };
+            let before = received(&self.receipts);
+            let (cpu0, t0) = (cpu::snapshot(), Instant::now());
+            let out = alone::measure(channel.as_str(), n, &self.worker_env, limit).await?;
+            let cpu = cpu::usage(&cpu0, &cpu::snapshot());
+            let arrived = received(&self.receipts) - before;
+            self.reset().await?;
+            if out.failed > 0 || arrived != out.sent {
+                bail!(
+                    "the {channel} sender alone: {} sent, {} failed ({}), {arrived} at the sink",
+                    out.sent,
+                    out.failed,
+                    out.first_error.as_deref().unwrap_or("-")
+                );
+            }
+            let per = |us: f64| us / out.sent.max(1) as f64;
+            let (client, sinks) = (
+                per(out.cpu_us),
+                per(cpu::cores(&cpu, "bench") * t0.elapsed().as_secs_f64() * 1e6),
+            );
+            client_us += client;
+            rows.push((
+                label,
+                format!(
+                    "{:.0}/s; client {client:.0} µs, sinks {sinks:.0} µs of CPU per {channel}",
+                    out.sent as f64 / out.secs.max(1e-9)
+                ),
+            ));
+            j.insert(format!("alone_{channel}"), alone::json(&out, sinks));
+        }
+        // The queue: n jobs enqueued in bulk, then consumed and acked.
+        let queues = herald_queue::QueueName::for_channel(herald_core::Channel::Email);
+        let redis0 = self.redis_cpu_us().await?;
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(5_000);
+            let jobs: Vec<_> = (0..chunk)
+                .map(|_| {
+                    (
+                        queues[1],
+                        herald_queue::DeliveryJob::new(herald_core::DeliveryId::generate(), 0),
+                    )
+                })
+                .collect();
+            self.queue.enqueue(&jobs).await.context("enqueueing the queue's jobs")?;
+            left -= chunk;
+        }
+        let redis1 = self.redis_cpu_us().await?;
+        let out = alone::measure("queue", n, &self.worker_env, limit).await?;
+        let redis2 = self.redis_cpu_us().await?;
+        let (redis_enqueue_us, redis_consume_us) = (redis1 - redis0, redis2 - redis1);
+        let mut waiting = 0;
+        for q in queues {
+            let c = self.queue.counts(q).await?;
+            waiting += c.ready + c.scheduled + c.in_flight + c.dead;
+        }
+        if out.failed > 0 || out.sent != n || waiting > 0 {
+            bail!(
+                "the queue alone: {} of {n} jobs handled ({}), {waiting} left in Redis",
+                out.sent,
+                out.first_error.as_deref().unwrap_or("-")
+            );
+        }
+        let per = |us: f64| us / n.max(1) as f64;
+        // A job is enqueued with its notification (ingest's floor) and
+        // fetched and acked with its delivery (the drain's).
+        let (client, redis) = (per(out.cpu_us), per(redis_consume_us));
+        self.redis_enqueue_floor_us = per(redis_enqueue_us);
+        rows.push((
+            "queue alone",
+            format!(
+                "{:.0} jobs/s consumed; worker {client:.1} µs, Redis {:.1} µs of CPU per job (enqueue in bulk {:.1}, fetch and ack {redis:.1})",
+                out.sent as f64 / out.secs.max(1e-9),
+                per(redis_enqueue_us + redis_consume_us),
+                per(redis_enqueue_us)
+            ),
+        ));
+        let mut queue_json = alone::json(&out, redis);
+        queue_json["redis_enqueue_cpu_us_per_job"] = json!(per(redis_enqueue_us));
+        j.insert("alone_queue".into(), queue_json);
+        // The API's HTTP side: the bench's POSTs, parsed and answered.
+        let out = alone::measure_http(&self.target, n, self.args.connections, &self.worker_env, limit).await?;
+        let http = per(out.cpu_us);
+        self.http_floor_ingest_us = http;
+        rows.push((
+            "API's HTTP side alone",
+            format!(
+                "{:.0} requests/s; server {http:.0} µs of CPU per POST (axum, the API's request and answer types, nothing stored)",
+                out.sent as f64 / out.secs.max(1e-9)
+            ),
+        ));
+        j.insert("alone_http".into(), alone::json(&out, 0.0));
+        // One email and one push in every three deliveries (in-app speaks
+        // no protocol); every delivery is one job and takes its statements.
+        let protocols = client_us / 3.0;
+        self.floor_parts_drain_us = vec![
+            ("the statements' client side", self.db_client_floor_drain_us),
+            ("the protocols' client side", protocols),
+            ("the queue's worker side", client),
+            ("Redis", redis),
+        ];
+        rows.push((
+            "per delivery",
+            format!(
+                "statements' client side {:.0} + protocols {protocols:.0} ((email + push) ÷ 3) + queue {client:.0} + Redis {redis:.0} µs of CPU: the workers' part of the drain's floor",
+                self.db_client_floor_drain_us
+            ),
+        ));
         Ok(())
     }
 
@@ -873,7 +1057,18 @@ impl Bench {
             rows.push(("errors, e.g.", r.error_samples.join(" | ")));
         }
         rows.push(("CPU, cores", cpu::describe(&cpu)));
-        let reach = cpu::reach(&cpu, rps, "notification", 10_000.0, self.pg_floor_ingest_us);
+        // Three jobs per notification.
+        let parts = [
+            ("the API's HTTP side", self.http_floor_ingest_us),
+            ("the statements' client side", self.db_client_floor_ingest_us),
+            ("Redis", 3.0 * self.redis_enqueue_floor_us),
+        ];
+        let parts = if self.pg_floor_ingest_us.is_some() {
+            &parts[..]
+        } else {
+            &[]
+        };
+        let reach = cpu::reach(&cpu, rps, "notification", 10_000.0, self.pg_floor_ingest_us, parts);
         rows.push(("CPU per notification", reach.text.clone()));
         self.floor_ingest_us = reach.floor_us;
         print_table("1. Ingest (workers stopped)", &rows);
@@ -942,7 +1137,14 @@ impl Bench {
         let notifications: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
             .fetch_one(&self.db.pool)
             .await?;
-        let reach = cpu::reach(&cpu, rate, "delivery", 20_000.0, self.pg_floor_drain_us);
+        let reach = cpu::reach(
+            &cpu,
+            rate,
+            "delivery",
+            20_000.0,
+            self.pg_floor_drain_us,
+            &self.floor_parts_drain_us,
+        );
         self.floor_drain_us = reach.floor_us;
         print_table(
             "2. Drain (the ingest backlog, workers started)",
@@ -1806,9 +2008,19 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(part) = &args.alone_client {
+        // A process of its own, with a runtime built as a worker's is.
+        return alone::client_main(part, args.alone.unwrap_or(0));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench_main(args))
+}
+
+async fn bench_main(args: Args) -> anyhow::Result<()> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
