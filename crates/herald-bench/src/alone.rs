@@ -1,5 +1,7 @@
-//! Parts of a worker's work alone, each in a process of its own with the
-//! workers' environment, on a runtime built as a worker's is:
+//! Parts of Herald's work that no version of it can skip, each alone in a
+//! process of its own with the workers' environment, on a runtime built as
+//! a worker's is (one thread: for the API's part that is cheaper than the
+//! API's own one per CPU, so still a lower bound):
 //!
 //! - **a channel's protocol**: the channel's sender (the code the workers
 //!   send with: lettre's SMTP client driven by `herald-channels`, reqwest to
@@ -12,7 +14,6 @@
 //!   spends per job here (enqueue, fetch, ack) is the queue's part of the
 //!   floor; what the process spends is the per-job cost of the queue
 //!   machinery every worker carries.
-//!
 //! - **the API's HTTP side**: an axum server whose one route parses the
 //!   bench's POST into the API's own request type and answers 202 with the
 //!   API's own answer type, as if stored; the bench's load generator posts
@@ -54,9 +55,10 @@ pub struct Report {
     pub cpu_us: f64,
 }
 
-/// The client process for `part` (`email`, `push` or `queue`): `count`
-/// sends or jobs, with as many in flight as a worker holds
-/// (`HERALD_WORKER_CONCURRENCY`). Prints a [`Report`] as JSON.
+/// The process for `part` (`email`, `push`, `queue` or `http`): `count`
+/// sends, jobs or requests; senders and the queue keep as many in flight
+/// as a worker holds (`HERALD_WORKER_CONCURRENCY`). Prints a [`Report`]
+/// as JSON on its last line.
 pub fn client_main(part: &str, count: u64) -> anyhow::Result<()> {
     let settings = herald_config::Settings::from_env().context("the workers' settings")?;
     let runtime = herald_telemetry::runtime(Some(
@@ -100,7 +102,8 @@ pub fn client_main(part: &str, count: u64) -> anyhow::Result<()> {
 
 /// Handles `count` email jobs with a handler that does nothing, through
 /// an apalis worker on Herald's backend built as `herald_workers` builds
-/// it (same concurrency and timeout layers), then stops it (a graceful close writes the last acks).
+/// it (same concurrency and timeout layers), then stops it (a graceful
+/// close writes the last acks).
 async fn consume(settings: &herald_config::Settings, count: u64) -> anyhow::Result<(u64, u64, Option<String>)> {
     let handled = Arc::new(AtomicU64::new(0));
     let all = CancellationToken::new();
@@ -254,7 +257,7 @@ pub async fn measure(part: &str, count: u64, env: &HashMap<String, String>, limi
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .context("starting the protocol client")?;
+        .with_context(|| format!("starting the {part} client"))?;
     let out = tokio::time::timeout(limit, child.wait_with_output())
         .await
         .with_context(|| format!("the {part} client did not finish within {limit:?}"))??;
@@ -289,7 +292,7 @@ pub async fn measure_http(
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .context("starting the http client")?;
+        .context("starting the http part")?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
     let addr = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await

@@ -982,6 +982,13 @@ impl Bench {
         j.insert("alone_queue".into(), queue_json);
         // The API's HTTP side: the bench's POSTs, parsed and answered.
         let out = alone::measure_http(&self.target, n, self.args.connections, &self.worker_env, limit).await?;
+        if out.failed > 0 || out.sent != n {
+            bail!(
+                "the API's HTTP side alone: {} of {n} requests answered ({})",
+                out.sent,
+                out.first_error.as_deref().unwrap_or("-")
+            );
+        }
         let http = per(out.cpu_us);
         self.http_floor_ingest_us = http;
         rows.push((
