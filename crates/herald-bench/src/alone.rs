@@ -100,13 +100,49 @@ pub fn client_main(part: &str, count: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Counts what a part handled and stops it once `count` were: its
+/// handlers tick, its server or worker runs until `done` is cancelled.
+struct Countdown {
+    handled: AtomicU64,
+    done: CancellationToken,
+    count: u64,
+}
+
+type Counter = Arc<Countdown>;
+
+impl Countdown {
+    fn new(count: u64) -> Counter {
+        Arc::new(Self {
+            handled: AtomicU64::new(0),
+            done: CancellationToken::new(),
+            count,
+        })
+    }
+
+    fn tick(&self) {
+        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 >= self.count {
+            self.done.cancel();
+        }
+    }
+
+    /// Handled, missing, and why when some are missing.
+    fn outcome(&self, what: &str) -> (u64, u64, Option<String>) {
+        let handled = self.handled.load(Ordering::Relaxed);
+        let missing = self.count.saturating_sub(handled);
+        (
+            handled,
+            missing,
+            (missing > 0).then(|| format!("{missing} {what} never came")),
+        )
+    }
+}
+
 /// Handles `count` email jobs with a handler that does nothing, through
 /// an apalis worker on Herald's backend built as `herald_workers` builds
 /// it (same concurrency and timeout layers), then stops it (a graceful
 /// close writes the last acks).
 async fn consume(settings: &herald_config::Settings, count: u64) -> anyhow::Result<(u64, u64, Option<String>)> {
-    let handled = Arc::new(AtomicU64::new(0));
-    let all = CancellationToken::new();
+    let counter = Countdown::new(count);
     let worker_id = WorkerId::generate("bench-queue");
     let backend = RedisBackend::new(
         QueueConfig::from_settings(settings),
@@ -117,26 +153,15 @@ async fn consume(settings: &herald_config::Settings, count: u64) -> anyhow::Resu
         .backend(backend)
         .concurrency(settings.worker_concurrency)
         .timeout(settings.send_timeout + settings.lease)
-        .data(Arc::new((Arc::clone(&handled), all.clone(), count)))
+        .data(Arc::clone(&counter))
         .build(nothing)
-        .run_until(herald_queue::stop_on(all))
+        .run_until(herald_queue::stop_on(counter.done.clone()))
         .await?;
-    let handled = handled.load(Ordering::Relaxed);
-    let missing = count.saturating_sub(handled);
-    Ok((
-        handled,
-        missing,
-        (missing > 0).then(|| format!("{missing} jobs never came")),
-    ))
+    Ok(counter.outcome("jobs"))
 }
 
-type Counter = Arc<(Arc<AtomicU64>, CancellationToken, u64)>;
-
 async fn nothing(_job: Fetched, counter: Data<Counter>) -> Result<(), BoxDynError> {
-    let (handled, all, count) = &**counter;
-    if handled.fetch_add(1, Ordering::Relaxed) + 1 >= *count {
-        all.cancel();
-    }
+    counter.tick();
     Ok(())
 }
 
@@ -145,21 +170,14 @@ async fn nothing(_job: Fetched, counter: Data<Counter>) -> Result<(), BoxDynErro
 async fn serve(count: u64) -> anyhow::Result<(u64, u64, Option<String>)> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     println!("{}", listener.local_addr()?);
-    let handled = Arc::new(AtomicU64::new(0));
-    let all = CancellationToken::new();
+    let counter = Countdown::new(count);
     let app = axum::Router::new()
         .route("/v1/notifications", axum::routing::post(accept))
-        .with_state(Arc::new((Arc::clone(&handled), all.clone(), count)));
+        .with_state(Arc::clone(&counter));
     axum::serve(listener, app)
-        .with_graceful_shutdown(all.cancelled_owned())
+        .with_graceful_shutdown(counter.done.clone().cancelled_owned())
         .await?;
-    let handled = handled.load(Ordering::Relaxed);
-    let missing = count.saturating_sub(handled);
-    Ok((
-        handled,
-        missing,
-        (missing > 0).then(|| format!("{missing} requests never came")),
-    ))
+    Ok(counter.outcome("requests"))
 }
 
 async fn accept(
@@ -176,10 +194,7 @@ async fn accept(
             skip_reason: None,
         })
         .collect();
-    let (handled, all, count) = &*counter;
-    if handled.fetch_add(1, Ordering::Relaxed) + 1 >= *count {
-        all.cancel();
-    }
+    counter.tick();
     (
         axum::http::StatusCode::ACCEPTED,
         axum::Json(Accepted {
