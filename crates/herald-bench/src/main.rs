@@ -1543,7 +1543,16 @@ impl Bench {
 
     async fn scaling(&mut self) -> anyhow::Result<()> {
         let small = self.sizes.backlog;
-        let (rate_small, check_small, seed_small, cpu_small) = self.backlog_drain(small).await?;
+        // A small backlog drains in about a second, so one drain's rate
+        // swings with whatever else the VM does in that second: the
+        // median of three is what the big backlog is held to.
+        let mut runs = Vec::with_capacity(3);
+        for _ in 0..3 {
+            runs.push(self.backlog_drain(small).await?);
+        }
+        let all_rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (rate_small, check_small, seed_small, cpu_small) = runs.swap_remove(1);
         let mut rows = vec![
             (
                 "seeding",
@@ -1552,14 +1561,19 @@ impl Bench {
             (
                 "small backlog",
                 format!(
-                    "{small} deliveries: {rate_small:.0} deliveries/s (seeded in {seed_small:.1} s); {}",
+                    "{small} deliveries, drained 3 times: {} deliveries/s, median {rate_small:.0} (seeded in {seed_small:.1} s); {}",
+                    all_rates
+                        .iter()
+                        .map(|r| format!("{r:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     check_small.line()
                 ),
             ),
             ("small: CPU, cores", cpu::describe(&cpu_small)),
         ];
-        let mut j = json!({"small": {"deliveries": small, "deliveries_per_sec": rate_small, "check": check_small.json(),
-                                     "cpu_cores": cpu_json(&cpu_small)}});
+        let mut j = json!({"small": {"deliveries": small, "deliveries_per_sec": rate_small, "runs_per_sec": all_rates,
+                                     "check": check_small.json(), "cpu_cores": cpu_json(&cpu_small)}});
         if let Some(big) = self.args.big_backlog {
             let (rate_big, check_big, seed_big, cpu_big) = self.backlog_drain(big).await?;
             let ratio = rate_big / rate_small;
@@ -1577,7 +1591,7 @@ impl Bench {
             self.verdict(
                 "drain at big backlog",
                 "within 10% of the small one",
-                format!("{rate_big:.0}/s vs {rate_small:.0}/s ({ratio:.2})"),
+                format!("{rate_big:.0}/s vs {rate_small:.0}/s, median of 3 ({ratio:.2})"),
                 Some(ratio >= 0.9),
             );
         } else {
