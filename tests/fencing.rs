@@ -559,3 +559,53 @@ async fn claims_results_and_in_app_planned_once_on_empty_tables_read_only_their_
     once.close().await;
     db.drop_db().await;
 }
+
+/// A sweep pass reads the deliveries owed a job, not every waiting one:
+/// among 20,000 deliveries waiting their turn in Redis (written marked, as
+/// the API writes them) and older than the grace period, the 3 owed a job
+/// are found through `deliveries_owed` without reading the rest.
+#[tokio::test]
+async fn a_sweep_pass_reads_the_deliveries_owed_a_job_not_every_waiting_one() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "WITH n AS (
+             INSERT INTO notifications (id, user_id, category, priority, title, body)
+             SELECT 'ntf_wait' || g, 'u_wait', 'c', 'normal', 't', 'b' FROM generate_series(1, 20003) g
+             RETURNING id
+         )
+         INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts,
+                                 updated_at, enqueued_at)
+         SELECT 'dlv_wait' || substr(id, 9), id, 'u_wait', 'in_app', 'normal', 'queued', 3,
+                now() - interval '1 minute',
+                CASE WHEN substr(id, 9)::INT > 20000 THEN NULL ELSE now() - interval '1 minute' END
+         FROM n",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql("ANALYZE").execute(&db.pool).await.unwrap();
+    // One connection, so its backend's counters are the pass's.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut conn = one.acquire().await.unwrap();
+    let before = rows_read(&mut conn).await;
+    drop(conn);
+    let pass = herald_db::sweep::sweep(&one, 2.0, 5_000).await.unwrap();
+    let mut conn = one.acquire().await.unwrap();
+    let after = rows_read(&mut conn).await;
+    drop(conn);
+    assert!(pass.ran);
+    let mut owed: Vec<&str> = pass.owed.iter().map(|o| o.id.as_str()).collect();
+    owed.sort_unstable();
+    assert_eq!(owed, ["dlv_wait20001", "dlv_wait20002", "dlv_wait20003"]);
+    let read = (after.0 - before.0, after.1 - before.1);
+    println!("rows read by a sweep pass among 20,003 waiting deliveries, 3 owed: (deliveries, notifications) {read:?}");
+    assert!(
+        read.0 <= 20 && read.1 <= 10,
+        "(deliveries, notifications) rows read: {read:?}; a pass must reach the owed deliveries through \
+         deliveries_owed, not read every waiting one"
+    );
+}

@@ -64,6 +64,14 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'")
         .execute(&mut *tx)
         .await?;
+    // Each statement reads a handful of rows by index (the owed ones through
+    // `deliveries_owed`), but the planner cannot estimate how few match
+    // `enqueued_at < updated_at` and, on a big backlog, started a parallel
+    // worker for them: 19 ms instead of 0.2 (EXPLAIN ANALYZE, 1,000,000
+    // deliveries), every pass.
+    sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+        .execute(&mut *tx)
+        .await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(SWEEP_LOCK_KEY)
         .fetch_one(&mut *tx)
@@ -119,13 +127,21 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     .bind(UNCONFIRMED_PER_PASS)
     .fetch_one(&mut *tx)
     .await?;
+    // Through `deliveries_owed` (migration …090), which holds exactly the
+    // rows this matches, and each one's notification by primary key (the
+    // lateral `OFFSET 0` keeps a misestimate from turning the join into a
+    // scan of every notification): a pass reads what it enqueues, not every
+    // waiting delivery (`tests/fencing.rs`).
     let owed: Vec<OwedJob> = sqlx::query_as(
         "SELECT d.id, d.attempt, d.channel, d.priority, n.request_id, d.next_attempt_at
-         FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-         WHERE d.status IN ('queued', 'retrying')
-           AND (d.enqueued_at IS NULL OR d.enqueued_at < d.updated_at)
-           AND (d.updated_at < now() - make_interval(secs => $2) OR d.id = ANY($3))
-         ORDER BY d.updated_at LIMIT $1",
+         FROM (SELECT id, attempt, channel, priority, next_attempt_at, notification_id, updated_at
+               FROM deliveries
+               WHERE status IN ('queued', 'retrying')
+                 AND (enqueued_at IS NULL OR enqueued_at < updated_at)
+                 AND (updated_at < now() - make_interval(secs => $2) OR id = ANY($3))
+               ORDER BY updated_at LIMIT $1) d
+         CROSS JOIN LATERAL (SELECT n.request_id FROM notifications n WHERE n.id = d.notification_id OFFSET 0) n
+         ORDER BY d.updated_at",
     )
     .bind(limit)
     .bind(grace_secs)
