@@ -122,10 +122,10 @@ pub fn cores(usage: &[(&str, f64)], name: &str) -> f64 {
 /// lower: Postgres at the cost of the database ceiling's best batching
 /// (`pg_floor_us`, Herald's own statements with nothing else running), the
 /// bench process (load generator and sinks, which stand in for Herald's
-/// clients and providers) and `floor_parts`, each a part of the workers' work
-/// measured alone at its cheapest (the ceiling's client side of the
-/// statements; alone.rs: the client side of the protocols the sinks answer,
-/// the queue's worker side, Redis). Parts measured alone, with the machine
+/// clients and providers) and `floor_parts`, each a part of the workers' or
+/// the API's work measured alone at its cheapest (the ceiling's client side
+/// of the statements; alone.rs: the client side of the protocols the sinks
+/// answer, the queue's worker side, Redis, the API's HTTP side). Parts measured alone, with the machine
 /// to themselves and their best batching, cost no more than they do side
 /// by side, so their sum is a lower bound: a floor above the machine's
 /// cores puts the target out of reach here, however lean the rest of

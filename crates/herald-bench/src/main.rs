@@ -112,8 +112,8 @@ struct Args {
     /// (quick 500).
     #[arg(long)]
     alone: Option<u64>,
-    /// Internal: run as the client of one part alone (`email`, `push`,
-    /// `queue`: alone.rs), with the workers' environment.
+    /// Internal: run as one part alone (`email`, `push`, `queue`, `http`:
+    /// alone.rs), with the workers' environment.
     #[arg(long, hide = true)]
     alone_client: Option<String>,
 }
@@ -212,7 +212,7 @@ struct Bench {
     /// worker side and Redis.
     floor_parts_drain_us: Vec<(&'static str, f64)>,
     /// The whole floor per unit (Postgres + load generator and sinks + the
-    /// protocol work), µs, as the ingest and drain scenarios measured it.
+    /// parts alone), µs, as the ingest and drain scenarios measured it.
     floor_ingest_us: Option<f64>,
     floor_drain_us: Option<f64>,
     _sinks: Vec<sinks::Running>,
@@ -880,11 +880,13 @@ impl Bench {
         Ok(())
     }
 
-    /// A worker's parts alone (alone.rs): each channel's protocol against
-    /// the sinks, and the queue, each from a client process of its own.
-    /// Sets the workers' part of the drain's floor: the statements' client
-    /// side (from the database ceiling), the protocols' client side, the
-    /// queue's worker side and Redis, each at its cost alone.
+    /// The parts alone (alone.rs), each in a process of its own: each
+    /// channel's protocol against the sinks, the queue, and the API's HTTP
+    /// side. Sets the parts of the floors: for the drain the statements'
+    /// client side (from the database ceiling), the protocols' client
+    /// side, the queue's worker side and Redis's fetch and ack; for ingest
+    /// the HTTP side and Redis's enqueue (with the ingest ceiling's
+    /// statements' client side).
     async fn parts_alone(
         &mut self,
         rows: &mut Vec<(&'static str, String)>,

@@ -59,19 +59,20 @@ pub struct SweepResult {
 /// about to enqueue itself.
 pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepResult> {
     let mut tx = pool.begin().await?;
-    // A sweeper frozen mid-pass (SIGSTOP, a stalled VM) must not hold the
-    // lock forever: Postgres ends its session and the lock goes with it.
-    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'")
-        .execute(&mut *tx)
-        .await?;
-    // Each statement reads a handful of rows by index (the owed ones through
-    // `deliveries_owed`), but the planner cannot estimate how few match
-    // `enqueued_at < updated_at` and, on a big backlog, started a parallel
-    // worker for them: 19 ms instead of 0.2 (EXPLAIN ANALYZE, 1,000,000
-    // deliveries), every pass.
-    sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
-        .execute(&mut *tx)
-        .await?;
+    // Both for this transaction only. A sweeper frozen mid-pass (SIGSTOP, a
+    // stalled VM) must not hold the lock forever: Postgres ends its session
+    // and the lock goes with it. No parallel workers: each statement reads
+    // a handful of rows by index (the owed ones through `deliveries_owed`),
+    // but the planner cannot estimate how few match `enqueued_at <
+    // updated_at` and, on a big backlog, started a parallel worker for
+    // them: 19 ms instead of 0.2 (EXPLAIN ANALYZE, 1,000,000 deliveries),
+    // every pass.
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', '10s', true),
+                set_config('max_parallel_workers_per_gather', '0', true)",
+    )
+    .execute(&mut *tx)
+    .await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(SWEEP_LOCK_KEY)
         .fetch_one(&mut *tx)
