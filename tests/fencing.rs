@@ -608,4 +608,6 @@ async fn a_sweep_pass_reads_the_deliveries_owed_a_job_not_every_waiting_one() {
         "(deliveries, notifications) rows read: {read:?}; a pass must reach the owed deliveries through \
          deliveries_owed, not read every waiting one"
     );
+    one.close().await;
+    db.drop_db().await;
 }
