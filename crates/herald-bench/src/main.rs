@@ -1315,6 +1315,7 @@ impl Bench {
                     format!("{:.2} s to finish after the window", tail.as_secs_f64()),
                 ),
                 ("check", check.line()),
+                ("CPU, cores (window)", cpu::describe(&cpu)),
                 (
                     "vs ceiling",
                     self.ceiling_e2e.map_or("-".to_owned(), |c| {
