@@ -260,17 +260,25 @@ async fn send_one(sender: &Sender, i: u64) -> Result<(), String> {
     }
 }
 
-/// Runs the client process for `part` and waits for its report (bounded:
-/// it is killed after `limit`).
-pub async fn measure(part: &str, count: u64, env: &HashMap<String, String>, limit: Duration) -> anyhow::Result<Report> {
+/// This executable as the process for `part`, with the workers'
+/// environment: its report comes on stdout, and it dies with its handle.
+fn process(part: &str, count: u64, env: &HashMap<String, String>) -> anyhow::Result<tokio::process::Command> {
     let exe = std::env::current_exe().context("locating herald-bench")?;
-    let child = tokio::process::Command::new(exe)
+    let mut command = tokio::process::Command::new(exe);
+    command
         .args(["--alone-client", part, "--alone", &count.to_string()])
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    Ok(command)
+}
+
+/// Runs the client process for `part` and waits for its report (bounded:
+/// it is killed after `limit`).
+pub async fn measure(part: &str, count: u64, env: &HashMap<String, String>, limit: Duration) -> anyhow::Result<Report> {
+    let child = process(part, count, env)?
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting the {part} client"))?;
     let out = tokio::time::timeout(limit, child.wait_with_output())
@@ -298,14 +306,8 @@ pub async fn measure_http(
     limit: Duration,
 ) -> anyhow::Result<Report> {
     use tokio::io::AsyncBufReadExt;
-    let exe = std::env::current_exe().context("locating herald-bench")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["--alone-client", "http", "--alone", &n.to_string()])
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let mut child = process("http", n, env)?
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .context("starting the http part")?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
