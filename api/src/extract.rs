@@ -1,6 +1,8 @@
 //! Extractors that turn every bad request into an [`ApiError`] with a
 //! message saying what to fix: JSON bodies and API-key authentication.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
@@ -65,9 +67,10 @@ fn serde_source(e: &dyn std::error::Error) -> String {
     cur.to_string()
 }
 
-/// The API key that authenticated this request.
+/// The API key that authenticated this request (shared with the key
+/// cache: no copy per request).
 #[derive(Debug, Clone)]
-pub struct Caller(pub ApiKey);
+pub struct Caller(pub Arc<ApiKey>);
 
 impl Caller {
     /// Forbids the request unless the key has `scope` (`admin` has all).
@@ -119,6 +122,7 @@ impl FromRequestParts<AppState> for Caller {
         }
         match herald_db::api_keys::authenticate(&state.pool, token).await? {
             Some(key) => {
+                let key = Arc::new(key);
                 state.keys.put(token, &key);
                 Ok(Self(key))
             }
@@ -134,7 +138,7 @@ impl FromRequestParts<AppState> for Caller {
 /// A caller whose key has the `admin` scope. Checked before the body is
 /// read, so a key without it gets its 403 whatever it sent.
 #[derive(Debug, Clone)]
-pub struct AdminCaller(pub ApiKey);
+pub struct AdminCaller(pub Arc<ApiKey>);
 
 impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;

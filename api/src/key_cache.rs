@@ -13,7 +13,7 @@
 //! never match an entry.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use herald_db::api_keys::ApiKey;
@@ -22,9 +22,13 @@ use sha2::{Digest, Sha256};
 /// Most keys remembered at once; past it the cache starts over.
 const MAX_ENTRIES: usize = 10_000;
 
+/// The SHA-256 of a presented token.
+type Digest32 = [u8; 32];
+
 pub struct KeyCache {
     ttl: Duration,
-    entries: Mutex<HashMap<[u8; 32], (ApiKey, Instant)>>,
+    /// Shared with the requests that use them: a hit costs no copy.
+    entries: Mutex<HashMap<Digest32, (Arc<ApiKey>, Instant)>>,
 }
 
 impl KeyCache {
@@ -36,19 +40,19 @@ impl KeyCache {
         }
     }
 
-    fn digest(token: &str) -> [u8; 32] {
+    fn digest(token: &str) -> Digest32 {
         Sha256::digest(token.as_bytes()).into()
     }
 
     /// The key this token authenticated as within the TTL, if any.
-    pub fn get(&self, token: &str) -> Option<ApiKey> {
+    pub fn get(&self, token: &str) -> Option<Arc<ApiKey>> {
         if self.ttl.is_zero() {
             return None;
         }
         let digest = Self::digest(token);
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.get(&digest) {
-            Some((key, at)) if at.elapsed() < self.ttl => Some(key.clone()),
+            Some((key, at)) if at.elapsed() < self.ttl => Some(Arc::clone(key)),
             Some(_) => {
                 entries.remove(&digest);
                 None
@@ -58,7 +62,7 @@ impl KeyCache {
     }
 
     /// Remembers a token Postgres just authenticated.
-    pub fn put(&self, token: &str, key: &ApiKey) {
+    pub fn put(&self, token: &str, key: &Arc<ApiKey>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -66,7 +70,7 @@ impl KeyCache {
         if entries.len() >= MAX_ENTRIES {
             entries.clear();
         }
-        entries.insert(Self::digest(token), (key.clone(), Instant::now()));
+        entries.insert(Self::digest(token), (Arc::clone(key), Instant::now()));
     }
 }
 
@@ -74,8 +78,8 @@ impl KeyCache {
 mod tests {
     use super::*;
 
-    fn key() -> ApiKey {
-        ApiKey {
+    fn key() -> Arc<ApiKey> {
+        Arc::new(ApiKey {
             id: "key_1".into(),
             name: "k".into(),
             prefix: "abcdEFGH".into(),
@@ -83,7 +87,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             last_used_at: None,
             revoked_at: None,
-        }
+        })
     }
 
     #[test]
@@ -91,7 +95,7 @@ mod tests {
         let cache = KeyCache::new(Duration::from_millis(50));
         let token = "hk_abcdEFGH_0123456789abcdefghij0123456789AB";
         cache.put(token, &key());
-        assert_eq!(cache.get(token).map(|k| k.id), Some("key_1".to_owned()));
+        assert_eq!(cache.get(token).map(|k| k.id.clone()), Some("key_1".to_owned()));
         // Same prefix, another secret: not the cached key.
         assert!(cache.get("hk_abcdEFGH_0123456789abcdefghij0123456789AC").is_none());
         std::thread::sleep(Duration::from_millis(60));

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeSet;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -185,11 +186,11 @@ pub async fn create_notification(
     State(state): State<AppState>,
     caller: Caller,
     request_id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
+    IdempotencyKeyHeader(idempotency_header): IdempotencyKeyHeader,
     ApiJson(raw): ApiJson<Box<serde_json::value::RawValue>>,
 ) -> ApiResult<Response> {
     caller.require("send")?;
-    let idempotency_key = idempotency_key(&headers)?;
+    let idempotency_key = idempotency_key(idempotency_header.as_ref())?;
     // The body is already checked to be JSON (else 400 malformed_json); it
     // is parsed straight into the request type, through
     // serde_path_to_error so the message names the field.
@@ -343,9 +344,22 @@ fn accepted_body(id: String, user_id: String, a: &herald_db::notifications::Acce
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// The `Idempotency-Key` header as sent, taken alone: axum's `HeaderMap`
+/// extractor copies every header of the request. Checked in the handler
+/// ([`idempotency_key`]), after the caller's scope.
+pub struct IdempotencyKeyHeader(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get("idempotency-key").cloned()))
+    }
+}
+
 /// The `Idempotency-Key` header, if any, checked to be short and printable.
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(v) = headers.get("idempotency-key") else {
+fn idempotency_key(header: Option<&HeaderValue>) -> ApiResult<Option<String>> {
+    let Some(v) = header else {
         return Ok(None);
     };
     match v.to_str() {
