@@ -217,7 +217,7 @@ impl MakeRequestId for MakeUlid {
 
 /// A caller's `X-Request-Id` travels into logs, Postgres and Redis jobs:
 /// keep it only if it is short and plain.
-async fn drop_unsafe_request_id(mut req: Request) -> Request {
+fn drop_unsafe_request_id(mut req: Request) -> Request {
     let ok = req.headers().get("x-request-id").is_none_or(|v| {
         let b = v.as_bytes();
         !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
@@ -284,7 +284,9 @@ pub fn app(
     // Outermost first.
     tower::ServiceBuilder::new()
         .map_response(IntoResponse::into_response)
-        .layer(axum::middleware::map_request(drop_unsafe_request_id))
+        // A plain function: axum's `middleware::map_request` would box a
+        // future and clone the inner service for every request.
+        .map_request(drop_unsafe_request_id)
         .layer(SetRequestIdLayer::x_request_id(MakeUlid))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let request_id = req
