@@ -253,7 +253,7 @@ async fn method_not_allowed() -> ApiError {
 /// The middleware wraps the router once, outside it, rather than each
 /// route through `Router::layer`: a layered route is a boxed copy of the
 /// whole stack, cloned and freed on every request (six interleaved pairs
-/// of the bench's ingest: the API's CPU per notification 10-17 µs less,
+/// of the bench's ingest: the API's CPU per notification 5-17 µs less,
 /// about a seventh; ingest 3-11% faster).
 pub fn app(
     state: AppState,
