@@ -1,12 +1,14 @@
 //! Extractors that turn every bad request into an [`ApiError`] with a
-//! message saying what to fix: JSON bodies and API-key authentication.
+//! message saying what to fix: JSON bodies and API-key authentication;
+//! and [`OneHeader`], one request header without copying the others.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use herald_db::api_keys::ApiKey;
 use serde::de::DeserializeOwned;
 
@@ -65,6 +67,38 @@ fn serde_source(e: &dyn std::error::Error) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// The name of a header a route reads through [`OneHeader`].
+pub trait NamedHeader {
+    const NAME: HeaderName;
+}
+
+/// One request header's value as sent, taken alone: axum's `HeaderMap`
+/// extractor copies every header of the request to read one. The route
+/// checks the value itself, so its errors come in the route's order.
+pub struct OneHeader<N>(pub Option<HeaderValue>, pub PhantomData<N>);
+
+impl<N: NamedHeader, S: Send + Sync> FromRequestParts<S> for OneHeader<N> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get(N::NAME).cloned(), PhantomData))
+    }
+}
+
+/// `Idempotency-Key`, read by `POST /v1/notifications`.
+pub enum IdempotencyKey {}
+
+impl NamedHeader for IdempotencyKey {
+    const NAME: HeaderName = HeaderName::from_static("idempotency-key");
+}
+
+/// `If-None-Match`, read by the clients' polled routes.
+pub enum IfNoneMatch {}
+
+impl NamedHeader for IfNoneMatch {
+    const NAME: HeaderName = axum::http::header::IF_NONE_MATCH;
 }
 
 /// The API key that authenticated this request (shared with the key

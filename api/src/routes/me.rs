@@ -11,7 +11,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,7 +25,7 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::changes::SETTLE;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, Caller};
+use crate::extract::{ApiJson, Caller, IfNoneMatch, OneHeader};
 use crate::routes::users::{DeviceView, RegisterDevice, checked_device, parse_user_id};
 use crate::user_token::{Me, mint};
 
@@ -122,16 +122,15 @@ fn hex_prefix(bytes: &[u8], n: usize) -> String {
     bytes.iter().take(n).map(|b| format!("{b:02x}")).collect()
 }
 
-fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get(header::IF_NONE_MATCH)
+fn matches_etag(if_none_match: Option<&HeaderValue>, etag: &str) -> bool {
+    if_none_match
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
 /// 304 when the client already has `etag` and it may be trusted.
-fn not_modified(headers: &HeaderMap, etag: &str, settled: bool) -> Option<Response> {
-    (settled && matches_etag(headers, etag)).then(|| with_etag(StatusCode::NOT_MODIFIED.into_response(), etag))
+fn not_modified(if_none_match: Option<&HeaderValue>, etag: &str, settled: bool) -> Option<Response> {
+    (settled && matches_etag(if_none_match, etag)).then(|| with_etag(StatusCode::NOT_MODIFIED.into_response(), etag))
 }
 
 fn with_etag(mut res: Response, etag: &str) -> Response {
@@ -285,7 +284,7 @@ fn inbox_query(params: &HashMap<String, String>) -> ApiResult<InboxQuery> {
 pub async fn list_notifications(
     State(state): State<AppState>,
     Me(user): Me,
-    headers: HeaderMap,
+    OneHeader(if_none_match, _): OneHeader<IfNoneMatch>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(params) = query.map_err(|e| bad_query("query", e.body_text()))?;
@@ -293,7 +292,7 @@ pub async fn list_notifications(
     let mut view: Vec<_> = params.iter().collect();
     view.sort();
     let (etag, settled) = etag(&state, user.as_str(), &format!("list {view:?}")).await?;
-    if let Some(res) = not_modified(&headers, &etag, settled) {
+    if let Some(res) = not_modified(if_none_match.as_ref(), &etag, settled) {
         return Ok(res);
     }
     let (items, more) = herald_db::inbox::list_inbox(&state.pool, user.as_str(), &q).await?;
@@ -354,12 +353,12 @@ fn own_id(id: &str) -> ApiResult<()> {
 pub async fn get_notification(
     State(state): State<AppState>,
     Me(user): Me,
-    headers: HeaderMap,
+    OneHeader(if_none_match, _): OneHeader<IfNoneMatch>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     own_id(&id)?;
     let (etag, settled) = etag(&state, user.as_str(), &format!("one {id}")).await?;
-    if let Some(res) = not_modified(&headers, &etag, settled) {
+    if let Some(res) = not_modified(if_none_match.as_ref(), &etag, settled) {
         return Ok(res);
     }
     let Some((n, deliveries, item)) = herald_db::inbox::get_own_notification(&state.pool, user.as_str(), &id).await?
@@ -468,9 +467,13 @@ pub struct MyStats {
     params(("If-None-Match" = Option<String>, Header, description = "The ETag of the copy you have")),
     responses((status = 200, body = MyStats), (status = 304, description = "Nothing changed")),
     security(("user_token" = [])))]
-pub async fn stats(State(state): State<AppState>, Me(user): Me, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn stats(
+    State(state): State<AppState>,
+    Me(user): Me,
+    OneHeader(if_none_match, _): OneHeader<IfNoneMatch>,
+) -> ApiResult<Response> {
     let (etag, settled) = etag(&state, user.as_str(), "stats").await?;
-    if let Some(res) = not_modified(&headers, &etag, settled) {
+    if let Some(res) = not_modified(if_none_match.as_ref(), &etag, settled) {
         return Ok(res);
     }
     let s = herald_db::inbox::stats(&state.pool, user.as_str()).await?;

@@ -7,8 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -23,7 +22,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, Caller};
+use crate::extract::{ApiJson, Caller, IdempotencyKey, OneHeader};
 use crate::ingest::Submission;
 
 /// Largest `data` object, serialized, in bytes.
@@ -186,7 +185,7 @@ pub async fn create_notification(
     State(state): State<AppState>,
     caller: Caller,
     request_id: Option<Extension<RequestId>>,
-    IdempotencyKeyHeader(idempotency_header): IdempotencyKeyHeader,
+    OneHeader(idempotency_header, _): OneHeader<IdempotencyKey>,
     ApiJson(raw): ApiJson<Box<serde_json::value::RawValue>>,
 ) -> ApiResult<Response> {
     caller.require("send")?;
@@ -343,19 +342,6 @@ fn accepted_body(id: String, user_id: String, a: &herald_db::notifications::Acce
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// The `Idempotency-Key` header as sent, taken alone: axum's `HeaderMap`
-/// extractor copies every header of the request. Checked in the handler
-/// ([`idempotency_key`]), after the caller's scope.
-pub struct IdempotencyKeyHeader(Option<HeaderValue>);
-
-impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.headers.get("idempotency-key").cloned()))
-    }
-}
 
 /// The `Idempotency-Key` header, if any, checked to be short and printable.
 fn idempotency_key(header: Option<&HeaderValue>) -> ApiResult<Option<String>> {
