@@ -41,9 +41,27 @@ async fn invalid_notification_requests_get_a_clear_4xx() {
     let m = expect_error(s, &b, 400, "malformed_json");
     assert!(m.contains("line 1"), "{m}");
 
+    // Not JSON at all is 400 even where a field before the syntax error
+    // already has the wrong type (the parse that names fields would stop
+    // there and call it a wrong shape).
+    let (s, b) = post_raw(&app, "{\"user_id\": 42, \"title\": ", json_ct).await;
+    let m = expect_error(s, &b, 400, "malformed_json");
+    assert!(m.contains("EOF while parsing"), "{m}");
+    let (s, b) = post_raw(&app, r#"{"user_id": "u_1", "title": "x"} {}"#, json_ct).await;
+    let m = expect_error(s, &b, 400, "malformed_json");
+    assert!(m.contains("trailing characters"), "{m}");
+
     let (s, b) = post_raw(&app, r#"{"user_id": 42, "title": "x"}"#, json_ct).await;
     let m = expect_error(s, &b, 422, "invalid_body");
     assert!(m.contains("user_id") && m.contains("expected a string"), "{m}");
+    let (s, b) = post_raw(
+        &app,
+        r#"{"user_id": "u_1", "title": "x", "channels": ["email", 7]}"#,
+        json_ct,
+    )
+    .await;
+    let m = expect_error(s, &b, 422, "invalid_body");
+    assert!(m.contains("channels[1]"), "{m}");
 
     let (s, b) = post_raw(&app, r#"{"user_id": "u_1", "title": "x", "colour": "red"}"#, json_ct).await;
     let m = expect_error(s, &b, 422, "invalid_body");
@@ -176,6 +194,24 @@ async fn requests_without_a_valid_key_or_scope_are_refused() {
     let (s, b) = status_and_json(res).await;
     let m = expect_error(s, &b, 403, "insufficient_scope");
     assert!(m.contains("send"), "{m}");
+    // The body is judged first when it is not JSON at all, after the scope
+    // when it is JSON of the wrong shape.
+    for (raw, status, code) in [
+        ("{\"user_id\": ", 400, "malformed_json"),
+        (r#"{"user_id": 42}"#, 403, "insufficient_scope"),
+    ] {
+        let res = app
+            .http
+            .post(app.url("/v1/notifications"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let (s, b) = status_and_json(res).await;
+        expect_error(s, &b, status, code);
+    }
 
     // A revoked key stops working.
     let send = vec!["send".to_owned()];

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, Caller, IdempotencyKey, OneHeader};
+use crate::extract::{Caller, IdempotencyKey, JsonBody, OneHeader, parse_json};
 use crate::ingest::Submission;
 
 /// Largest `data` object, serialized, in bytes.
@@ -186,27 +186,20 @@ pub async fn create_notification(
     caller: Caller,
     request_id: Option<Extension<RequestId>>,
     OneHeader(idempotency_header, _): OneHeader<IdempotencyKey>,
-    ApiJson(raw): ApiJson<Box<serde_json::value::RawValue>>,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
+    // Malformed JSON (400) comes before the scope; a wrong shape (422)
+    // after it and the Idempotency-Key.
+    let parsed = parse_json::<CreateNotification>(&body)?;
     caller.require("send")?;
     let idempotency_key = idempotency_key(idempotency_header.as_ref())?;
-    // The body is already checked to be JSON (else 400 malformed_json); it
-    // is parsed straight into the request type, through
-    // serde_path_to_error so the message names the field.
-    let mut de = serde_json::Deserializer::from_str(raw.get());
-    let req: CreateNotification = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            format!("the body does not match the expected shape: {e}"),
-        )
-    })?;
+    let req = parsed.shape()?;
     let idempotency = match idempotency_key {
         None => None,
         Some(key) => {
             // serde_json's maps are sorted, so equal bodies hash equally
             // whatever their key order or spacing.
-            let canonical: serde_json::Value = serde_json::from_str(raw.get()).map_err(|e| {
+            let canonical: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "malformed_json",
