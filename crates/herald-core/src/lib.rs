@@ -8,7 +8,7 @@ pub mod status;
 pub mod validate;
 
 pub use channel::{Channel, DevicePlatform, Priority, PushProvider, UnknownValue};
-pub use id::{ApiKeyId, DeliveryId, DeviceId, NotificationId, ParseIdError, PurgeId, ReplayId};
+pub use id::{ApiKeyId, DeliveryId, DeviceId, IdText, NotificationId, ParseIdError, PurgeId, ReplayId};
 pub use outcome::{ErrorClass, OutcomeClass};
 pub use status::DeliveryStatus;
 pub use validate::{Category, EmailAddress, InvalidField, UserId};

@@ -400,12 +400,7 @@ impl QueueClient {
 }
 
 fn encode(job: &DeliveryJob, ready_since_ms: u64) -> String {
-    WireJob {
-        job: job.clone(),
-        handbacks: 0,
-        ready_since_ms,
-    }
-    .encode()
+    crate::job::encode(job, 0, ready_since_ms)
 }
 
 fn group_by_queue<'a>(

@@ -19,7 +19,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use herald_core::DeliveryId;
+use herald_core::{DeliveryId, IdText};
 
 use crate::QueueError;
 
@@ -54,6 +54,27 @@ impl DeliveryJob {
 /// The only wire version this crate writes and reads.
 const WIRE_VERSION: &str = "1";
 
+/// The member for `job` with the queue's bookkeeping, written piece by
+/// piece into one allocation (`format!` and the id's `Display` were ~2% of
+/// the API's CPU at ingest, where every delivery gets a job).
+pub(crate) fn encode(job: &DeliveryJob, handbacks: u32, ready_since_ms: u64) -> String {
+    let request_id = job.request_id.as_deref().unwrap_or("");
+    let mut member = String::with_capacity(72 + request_id.len());
+    let mut numbers = itoa::Buffer::new();
+    member.push_str(WIRE_VERSION);
+    member.push('|');
+    member.push_str(job.delivery_id.text(&mut IdText::default()));
+    member.push('|');
+    member.push_str(numbers.format(job.attempt));
+    member.push('|');
+    member.push_str(numbers.format(handbacks));
+    member.push('|');
+    member.push_str(numbers.format(ready_since_ms));
+    member.push('|');
+    member.push_str(request_id);
+    member
+}
+
 /// A job as stored: the payload plus the queue's own bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WireJob {
@@ -64,14 +85,7 @@ pub(crate) struct WireJob {
 
 impl WireJob {
     pub fn encode(&self) -> String {
-        format!(
-            "{WIRE_VERSION}|{}|{}|{}|{}|{}",
-            self.job.delivery_id,
-            self.job.attempt,
-            self.handbacks,
-            self.ready_since_ms,
-            self.job.request_id.as_deref().unwrap_or("")
-        )
+        encode(&self.job, self.handbacks, self.ready_since_ms)
     }
 
     pub fn decode(member: &str) -> Result<Self, QueueError> {
@@ -148,6 +162,20 @@ mod tests {
             let member = job.encode();
             assert_eq!(WireJob::decode(&member).unwrap(), job, "{member}");
         }
+    }
+
+    #[test]
+    fn the_wire_form_is_the_documented_one() {
+        let mut job = sample(Some("req-42"));
+        job.job.delivery_id = "dlv_01J9Z3M6XK1V4N9Q7W2C5B8D0E".parse().unwrap();
+        assert_eq!(
+            job.encode(),
+            "1|dlv_01J9Z3M6XK1V4N9Q7W2C5B8D0E|3|2|1718000000000|req-42"
+        );
+        job.job.request_id = None;
+        job.job.attempt = 0;
+        job.handbacks = 0;
+        assert_eq!(job.encode(), "1|dlv_01J9Z3M6XK1V4N9Q7W2C5B8D0E|0|0|1718000000000|");
     }
 
     #[test]
