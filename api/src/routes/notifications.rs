@@ -129,7 +129,7 @@ fn validate(req: CreateNotification) -> ApiResult<Validated> {
     let data = match req.data {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(v @ serde_json::Value::Object(_)) => {
-            if v.to_string().len() > MAX_DATA_BYTES {
+            if serialized_len(&v) > MAX_DATA_BYTES {
                 return Err(ApiError::invalid(
                     "data",
                     format!("must serialize to at most {MAX_DATA_BYTES} bytes"),
@@ -260,6 +260,23 @@ pub async fn create_notification(
     };
     tracing::info!(notification_id = %id, user_id = %user_id, channels = accepted.deliveries.len(), "notification accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted_body(id, user_id, &accepted))).into_response())
+}
+
+/// Bytes of `v` as compact JSON, counted without building the text.
+fn serialized_len(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Writing to a counter cannot fail, nor can a Value's serialization.
+    serde_json::to_writer(&mut n, v).map_or(usize::MAX, |()| n.0)
 }
 
 /// The idempotent path: its own transaction, so the key's reservation, the
@@ -484,4 +501,24 @@ pub async fn get_notification(
 
 pub(crate) fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(data: serde_json::Value) -> CreateNotification {
+        serde_json::from_value(serde_json::json!({"user_id": "u_1", "title": "x", "data": data})).unwrap()
+    }
+
+    #[test]
+    fn data_is_limited_by_its_compact_json_size() {
+        // `{"k":"…"}` is the string's length plus 8 bytes.
+        let at_limit = serde_json::json!({"k": "x".repeat(MAX_DATA_BYTES - 8)});
+        assert_eq!(serialized_len(&at_limit), MAX_DATA_BYTES);
+        assert!(validate(request(at_limit)).is_ok());
+        let over = serde_json::json!({"k": "é".repeat(MAX_DATA_BYTES / 2)});
+        assert_eq!(serialized_len(&over), over.to_string().len());
+        assert!(validate(request(over)).is_err());
+    }
 }
