@@ -1283,6 +1283,13 @@ impl Bench {
         let post = sorted_ms(&r.latencies_us);
         // One ingest and three deliveries per notification, each at its floor.
         let e2e_floor_us = self.floor_ingest_us.zip(self.floor_drain_us).map(|(i, d)| i + 3.0 * d);
+        // What the window cost per accepted notification, every process
+        // counted, against that floor. Only when the workers keep up (three
+        // deliveries final per accepted notification) is it a whole
+        // notification's cost; a growing backlog leaves some of the cost
+        // after the window, so the figure is then a lower bound.
+        let cost = cpu::reach(&cpu, achieved, "accepted notification", 5_000.0, None, &[]);
+        let finals_per_accepted = completed / achieved.max(1e-9);
         print_table(
             "3. End to end (paced, workers running)",
             &[
@@ -1317,6 +1324,13 @@ impl Bench {
                 ("check", check.line()),
                 ("CPU, cores (window)", cpu::describe(&cpu)),
                 (
+                    "CPU per notification",
+                    format!(
+                        "{}; {finals_per_accepted:.2} deliveries final per accepted notification in the window (3 when the workers keep up; fewer, and this is a lower bound)",
+                        cost.text
+                    ),
+                ),
+                (
                     "vs ceiling",
                     self.ceiling_e2e.map_or("-".to_owned(), |c| {
                         format!(
@@ -1344,7 +1358,8 @@ impl Bench {
                    "post_to_final_p50_ms": p50, "post_to_final_p99_ms": p99, "backlog_samples": samples,
                    "backlog_grows": grows, "tail_secs": tail.as_secs_f64(), "check": check.json(),
                    "cpu_cores": cpu_json(&cpu), "vs_ceiling": self.ceiling_e2e.map(|c| achieved / c),
-                   "floor_us_per_notification": e2e_floor_us}),
+                   "floor_us_per_notification": e2e_floor_us, "cost": cost.json,
+                   "finals_per_accepted": finals_per_accepted}),
         );
         let met = achieved >= 5_000.0 * 0.98 && !grows && r.errors == 0;
         let e2e_floor_cores = e2e_floor_us.map(|f| f * 5_000.0 / 1e6);
