@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 
 use herald_config::Apns as ApnsSettings;
 use herald_core::ErrorClass;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use super::{Failure, PushMessage, PushOptions, PushSetupError, retry_after, truncate};
+use super::{Alert, Failure, Fields, PushMessage, PushOptions, PushSetupError, retry_after, truncate};
 
 /// Largest payload APNs accepts for an alert.
 const MAX_PAYLOAD: usize = 4096;
@@ -233,28 +233,17 @@ fn truncate_bytes(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// The APNs payload: `aps` first, then the data fields (which cannot
+/// The APNs payload: the data fields, `aps`, Herald's ids (the data cannot
 /// replace `aps` or Herald's ids).
-fn apns_body(message: &PushMessage<'_>) -> Value {
-    let mut body = Map::new();
-    match message.data {
-        Value::Object(fields) => {
-            for (k, v) in fields {
-                body.insert(k.clone(), v.clone());
-            }
-        }
-        Value::Null => {}
-        other => {
-            body.insert("herald_data".into(), other.clone());
-        }
+fn apns_body<'a>(message: &'a PushMessage<'a>) -> Fields<'a> {
+    Fields {
+        message,
+        as_strings: false,
+        aps: Some(Alert {
+            title: message.title,
+            body: message.body,
+        }),
     }
-    body.insert(
-        "aps".into(),
-        json!({"alert": {"title": message.title, "body": message.body}}),
-    );
-    body.insert("herald_delivery_id".into(), message.delivery_id.into());
-    body.insert("herald_notification_id".into(), message.notification_id.into());
-    Value::Object(body)
 }
 
 #[cfg(test)]
@@ -272,7 +261,10 @@ mod tests {
             data: &data,
             priority: "normal",
         };
-        let body = apns_body(&message);
+        let text = serde_json::to_string(&apns_body(&message)).unwrap();
+        assert_eq!(text.matches("herald_delivery_id").count(), 1, "{text}");
+        assert_eq!(text.matches("\"aps\"").count(), 1, "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["aps"]["alert"]["title"], "T");
         assert_eq!(body["herald_delivery_id"], "dlv_1");
         assert_eq!(body["order"], 7);

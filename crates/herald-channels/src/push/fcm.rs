@@ -23,11 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_core::ErrorClass;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use super::{Failure, PushMessage, PushOptions, PushSetupError, retry_after, truncate};
+use super::{Alert, Failure, Fields, PushMessage, PushOptions, PushSetupError, retry_after, truncate};
 
 const VAR: &str = "HERALD_FCM_CREDENTIALS_FILE";
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -182,7 +182,7 @@ impl Fcm {
         classify(response).await
     }
 
-    async fn post(&self, body: &Value, access: &AccessToken) -> Result<reqwest::Response, Failure> {
+    async fn post(&self, body: &FcmRequest<'_>, access: &AccessToken) -> Result<reqwest::Response, Failure> {
         self.client
             .post(self.send_url.clone())
             .bearer_auth(&*access.value)
@@ -280,36 +280,61 @@ impl ServiceAccount {
 }
 
 /// The `messages:send` body.
-fn fcm_body(message: &PushMessage<'_>, token: &str) -> Value {
-    let mut data = Map::new();
-    match message.data {
-        Value::Object(fields) => {
-            for (k, v) in fields {
-                // FCM data values must be strings.
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                data.insert(k.clone(), Value::String(v));
-            }
-        }
-        Value::Null => {}
-        other => {
-            data.insert("herald_data".into(), Value::String(other.to_string()));
-        }
-    }
-    data.insert("herald_delivery_id".into(), message.delivery_id.into());
-    data.insert("herald_notification_id".into(), message.notification_id.into());
+#[derive(Serialize)]
+struct FcmRequest<'a> {
+    message: FcmMessage<'a>,
+}
+
+#[derive(Serialize)]
+struct FcmMessage<'a> {
+    token: &'a str,
+    notification: Alert<'a>,
+    /// FCM data values must be strings.
+    data: Fields<'a>,
+    android: AndroidConfig,
+    apns: ApnsConfig,
+}
+
+#[derive(Serialize)]
+struct AndroidConfig {
+    priority: &'static str,
+}
+
+#[derive(Serialize)]
+struct ApnsConfig {
+    headers: ApnsHeaders,
+}
+
+#[derive(Serialize)]
+struct ApnsHeaders {
+    #[serde(rename = "apns-priority")]
+    apns_priority: &'static str,
+}
+
+fn fcm_body<'a>(message: &'a PushMessage<'a>, token: &'a str) -> FcmRequest<'a> {
     let high = message.is_high_priority();
-    json!({
-        "message": {
-            "token": token,
-            "notification": {"title": message.title, "body": message.body},
-            "data": data,
-            "android": {"priority": if high { "HIGH" } else { "NORMAL" }},
-            "apns": {"headers": {"apns-priority": if high { "10" } else { "5" }}},
-        }
-    })
+    FcmRequest {
+        message: FcmMessage {
+            token,
+            notification: Alert {
+                title: message.title,
+                body: message.body,
+            },
+            data: Fields {
+                message,
+                as_strings: true,
+                aps: None,
+            },
+            android: AndroidConfig {
+                priority: if high { "HIGH" } else { "NORMAL" },
+            },
+            apns: ApnsConfig {
+                headers: ApnsHeaders {
+                    apns_priority: if high { "10" } else { "5" },
+                },
+            },
+        },
+    }
 }
 
 /// What FCM said in an error answer.
@@ -415,7 +440,7 @@ mod tests {
             data: &data,
             priority: "high",
         };
-        let body = fcm_body(&message, "tok");
+        let body = serde_json::to_value(fcm_body(&message, "tok")).unwrap();
         let m = &body["message"];
         assert_eq!(m["data"]["order"], "42");
         assert_eq!(m["data"]["kind"], "shipped");
@@ -423,5 +448,37 @@ mod tests {
         assert_eq!(m["data"]["herald_delivery_id"], "dlv_1");
         assert_eq!(m["android"]["priority"], "HIGH");
         assert_eq!(m["apns"]["headers"]["apns-priority"], "10");
+        assert_eq!(m["notification"]["title"], "T");
+        assert_eq!(m["token"], "tok");
+    }
+
+    #[test]
+    fn herald_ids_win_over_data_fields_and_other_data_is_carried_as_text() {
+        let forged = json!({"herald_delivery_id": "forged", "herald_notification_id": 1, "aps": "kept"});
+        let array = json!([1, "two"]);
+        for (data, expected) in [
+            (
+                &forged,
+                json!({"aps": "kept", "herald_delivery_id": "dlv_1", "herald_notification_id": "ntf_1"}),
+            ),
+            (
+                &array,
+                json!({"herald_data": "[1,\"two\"]", "herald_delivery_id": "dlv_1", "herald_notification_id": "ntf_1"}),
+            ),
+        ] {
+            let message = PushMessage {
+                delivery_id: "dlv_1",
+                notification_id: "ntf_1",
+                title: "T",
+                body: "B",
+                data,
+                priority: "normal",
+            };
+            let text = serde_json::to_string(&fcm_body(&message, "tok")).unwrap();
+            assert_eq!(text.matches("herald_delivery_id").count(), 1, "{text}");
+            let body: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(body["message"]["data"], expected, "{text}");
+            assert_eq!(body["message"]["android"]["priority"], "NORMAL");
+        }
     }
 }

@@ -71,6 +71,72 @@ impl PushMessage<'_> {
     }
 }
 
+/// A notification's title and body, as FCM's `notification` and APNs's
+/// `aps.alert` spell them.
+#[derive(Serialize)]
+struct Alert<'a> {
+    title: &'a str,
+    body: &'a str,
+}
+
+/// A payload's custom fields, written straight from the notification's
+/// data (no JSON tree built, copied and dropped per device): the data's
+/// fields (a value that is not an object goes in as `herald_data`), then
+/// APNs's `aps` when given, then Herald's ids. A data field named like one
+/// of those is left out, so Herald's wins and no key appears twice.
+struct Fields<'a> {
+    message: &'a PushMessage<'a>,
+    /// FCM wants every data value as a string: non-strings go as their
+    /// compact JSON text.
+    as_strings: bool,
+    aps: Option<Alert<'a>>,
+}
+
+impl Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// A JSON value written as a string of its compact text.
+        struct Text<'v>(&'v serde_json::Value);
+        impl Serialize for Text<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self.0 {
+                    serde_json::Value::String(text) => s.serialize_str(text),
+                    other => s.collect_str(other),
+                }
+            }
+        }
+        let mut map = s.serialize_map(None)?;
+        let mut field = |k: &str, v: &serde_json::Value| {
+            if self.as_strings {
+                map.serialize_entry(k, &Text(v))
+            } else {
+                map.serialize_entry(k, v)
+            }
+        };
+        let ours =
+            |k: &str| k == "herald_delivery_id" || k == "herald_notification_id" || (self.aps.is_some() && k == "aps");
+        match self.message.data {
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields.iter().filter(|(k, _)| !ours(k)) {
+                    field(k, v)?;
+                }
+            }
+            serde_json::Value::Null => {}
+            other => field("herald_data", other)?,
+        }
+        if let Some(alert) = &self.aps {
+            #[derive(Serialize)]
+            struct Aps<'r, 'a> {
+                alert: &'r Alert<'a>,
+            }
+            map.serialize_entry("aps", &Aps { alert })?;
+        }
+        map.serialize_entry("herald_delivery_id", self.message.delivery_id)?;
+        map.serialize_entry("herald_notification_id", self.message.notification_id)?;
+        map.end()
+    }
+}
+
 /// The outcome for one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeviceResult {
