@@ -281,6 +281,44 @@ async fn bad_ids_routes_and_user_input_get_a_clear_4xx() {
     let (s, b) = status_and_json(res).await;
     expect_error(s, &b, 405, "method_not_allowed");
 
+    // Every JSON route judges a body the same way: not JSON at all is 400
+    // (even after a wrong-typed field), a wrong shape 422 naming the field,
+    // no JSON content type 415.
+    for (raw, content_type, status, code, hint) in [
+        (
+            "{\"email\": 7, ",
+            "application/json",
+            400,
+            "malformed_json",
+            "EOF while parsing",
+        ),
+        (
+            r#"{"email": 7}"#,
+            "application/json",
+            422,
+            "invalid_body",
+            "email: invalid type",
+        ),
+        (
+            r#"{"email": "a@b.co"}"#,
+            "text/plain",
+            415,
+            "unsupported_media_type",
+            "Content-Type",
+        ),
+    ] {
+        let res = app
+            .request(Method::PUT, "/v1/users/u_1")
+            .header("content-type", content_type)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let (s, b) = status_and_json(res).await;
+        let m = expect_error(s, &b, status, code);
+        assert!(m.contains(hint), "{raw} -> {m}");
+    }
+
     let (s, b) = app.put_json("/v1/users/u_1", &json!({"email": "not-an-address"})).await;
     let m = expect_error(s, &b, 422, "validation_failed");
     assert!(m.contains("email"), "{m}");

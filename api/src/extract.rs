@@ -1,13 +1,14 @@
 //! Extractors that turn every bad request into an [`ApiError`] with a
-//! message saying what to fix: JSON bodies ([`ApiJson`]; [`JsonBody`] with
-//! [`parse_json`] for the hot create route) and API-key authentication;
+//! message saying what to fix: JSON bodies ([`ApiJson`], built on
+//! [`JsonBody`] and [`parse_json`], which the create route calls itself to
+//! check its caller's scope between the two) and API-key authentication;
 //! and [`OneHeader`], one request header without copying the others.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -17,7 +18,10 @@ use serde::de::DeserializeOwned;
 use crate::AppState;
 use crate::error::ApiError;
 
-/// `axum::Json`, with rejections in Herald's error shape.
+/// A JSON body parsed into `T`, with rejections in Herald's error shape:
+/// 415 without a JSON content type, 413 over `HERALD_MAX_BODY_BYTES`, 400
+/// `malformed_json` when the body is not JSON at all, 422 `invalid_body`
+/// naming the field that does not fit ([`JsonBody`] and [`parse_json`]).
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -28,20 +32,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(json_rejection(&rejection)),
-        }
-    }
-}
-
-fn json_rejection(r: &JsonRejection) -> ApiError {
-    match r {
-        JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
-        JsonRejection::JsonSyntaxError(e) => malformed_json(&serde_source(e)),
-        JsonRejection::JsonDataError(e) => invalid_body(&serde_source(e)),
-        JsonRejection::BytesRejection(e) => bytes_rejection(e),
-        other => ApiError::new(other.status(), "bad_request", other.body_text()),
+        let JsonBody(body) = JsonBody::from_request(req, state).await?;
+        parse_json(&body)?.shape().map(Self)
     }
 }
 
@@ -93,9 +85,8 @@ fn json_content_type(headers: &HeaderMap) -> bool {
         })
 }
 
-/// A JSON request body as sent, for a route that parses it itself with
-/// [`parse_json`]: the content type and size are checked here, with
-/// [`ApiJson`]'s rejections, and the body is not parsed or copied.
+/// A JSON request body as sent: the content type and size are checked
+/// here, the body is neither parsed nor copied ([`parse_json`] does that).
 pub struct JsonBody(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
@@ -152,16 +143,6 @@ impl<T: DeserializeOwned> ParsedJson<'_, T> {
         };
         Err(invalid_body(&why))
     }
-}
-
-/// The innermost message of a JSON error: serde's, with its path and
-/// position, without axum's generic prefix.
-fn serde_source(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// The name of a header a route reads through [`OneHeader`].
