@@ -82,8 +82,9 @@ struct Alert<'a> {
 /// A payload's custom fields, written straight from the notification's
 /// data (no JSON tree built, copied and dropped per device): the data's
 /// fields (a value that is not an object goes in as `herald_data`), then
-/// APNs's `aps` when given, then Herald's ids. A data field named like one
-/// of those is left out, so Herald's wins and no key appears twice.
+/// APNs's `aps` when given, then Herald's ids. A data field named `aps`
+/// (for APNs) or like one of Herald's ids is left out, so Herald's wins
+/// and no key appears twice.
 struct Fields<'a> {
     message: &'a PushMessage<'a>,
     /// FCM wants every data value as a string: non-strings go as their
