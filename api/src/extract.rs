@@ -45,7 +45,8 @@ fn unsupported_media_type() -> ApiError {
     )
 }
 
-fn malformed_json(why: &str) -> ApiError {
+/// 400 `malformed_json`: the body is not JSON at all.
+pub(crate) fn malformed_json(why: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "malformed_json",

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{Caller, IdempotencyKey, JsonBody, OneHeader, parse_json};
+use crate::extract::{Caller, IdempotencyKey, JsonBody, OneHeader, malformed_json, parse_json};
 use crate::ingest::Submission;
 
 /// Largest `data` object, serialized, in bytes.
@@ -199,13 +199,8 @@ pub async fn create_notification(
         Some(key) => {
             // serde_json's maps are sorted, so equal bodies hash equally
             // whatever their key order or spacing.
-            let canonical: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    format!("the body is not valid JSON: {e}"),
-                )
-            })?;
+            let canonical: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| malformed_json(&e.to_string()))?;
             Some((key, Sha256::digest(canonical.to_string().as_bytes()).to_vec()))
         }
     };
