@@ -63,7 +63,9 @@ async fn deleting_a_notification_deletes_its_deliveries_attempts_and_inbox_item_
     };
     record_attempt(&db.pool, &result).await.unwrap();
     let in_app = [(gone.deliveries[2].id.clone(), 0), (kept.deliveries[0].id.clone(), 0)];
-    let delivered = deliver_in_app(&db.pool, &in_app, "w1").await.unwrap();
+    let delivered = deliver_in_app(&mut db.pool.acquire().await.unwrap(), &in_app, "w1")
+        .await
+        .unwrap();
     assert!(
         delivered.iter().all(Option::is_some),
         "both in-app deliveries delivered"

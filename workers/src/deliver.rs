@@ -87,7 +87,7 @@ impl Batches {
             let (p, w, c) = (p.clone(), w.clone(), c.clone());
             async move {
                 let mut conn = p.acquire().await?;
-                let claimed = herald_db::deliveries::claim_deliveries(&mut *conn, &jobs, lease_secs, &w).await?;
+                let claimed = herald_db::deliveries::claim_deliveries(&mut conn, &jobs, lease_secs, &w).await?;
                 conn.keep();
                 c.changed(claimed.iter().flatten().map(|d| d.user_id.clone()));
                 Ok(claimed)
@@ -132,7 +132,7 @@ impl Batches {
             let (p, w, c) = (p.clone(), w.clone(), changes.clone());
             async move {
                 let mut conn = p.acquire().await?;
-                let done = herald_db::deliveries::deliver_in_app(&mut *conn, &jobs, &w).await?;
+                let done = herald_db::deliveries::deliver_in_app(&mut conn, &jobs, &w).await?;
                 conn.keep();
                 c.changed(done.iter().flatten().map(|d| d.user_id.clone()));
                 // Live clients hear of each item at once, the whole batch

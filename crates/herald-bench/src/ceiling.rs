@@ -193,10 +193,10 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
                         break;
                     };
                     if channel == "in_app" {
-                        deliver_in_app(&mut *conn, &jobs, "ceiling").await?;
+                        deliver_in_app(&mut conn, &jobs, "ceiling").await?;
                         continue;
                     }
-                    let claimed = claim_deliveries(&mut *conn, &jobs, 60.0, "ceiling").await?;
+                    let claimed = claim_deliveries(&mut conn, &jobs, 60.0, "ceiling").await?;
                     let results: Vec<AttemptResult> = claimed
                         .into_iter()
                         .flatten()

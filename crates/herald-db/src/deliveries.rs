@@ -74,12 +74,45 @@ pub async fn claim_delivery(
     worker_id: &str,
 ) -> Result<Option<ClaimedDelivery>> {
     let claim = (delivery_id.to_owned(), expected_attempt);
+    let mut conn = pool.acquire().await?;
     Ok(
-        claim_deliveries(pool, std::slice::from_ref(&claim), lease_secs, worker_id)
+        claim_deliveries(&mut conn, std::slice::from_ref(&claim), lease_secs, worker_id)
             .await?
             .pop()
             .flatten(),
     )
+}
+
+// [`CLAIM_SQL`] and [`CLAIM_SQL_KEEPING_ROWS`]: one statement, with or
+// without `ON CONFLICT` on the attempt row it inserts.
+macro_rules! claim_sql {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH c AS (
+         UPDATE deliveries d SET status = 'sending', attempt = d.attempt + 1,
+             lease_until = now() + make_interval(secs => $3), next_attempt_at = NULL, updated_at = now()
+         WHERE d.id = ANY($1::TEXT[]) AND ($2::JSONB -> d.id) @> to_jsonb(d.attempt)
+           AND (d.status || '') IN ('queued', 'retrying')
+         RETURNING d.id, d.notification_id, d.user_id, d.channel, d.priority, d.attempt, d.max_attempts
+     ), a AS (
+         INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at)
+         SELECT id, attempt, $4, now() FROM c",
+            $on_conflict,
+            "
+     )
+     SELECT c.id, c.notification_id, c.user_id, c.channel, c.priority, c.attempt, c.max_attempts,
+            n.category, n.title, n.body, n.data, n.request_id, u.email,
+            CASE WHEN c.channel = 'push' THEN COALESCE((
+                SELECT json_agg(json_build_object('id', v.id, 'platform', v.platform,
+                                                  'provider', v.provider, 'token', v.token)
+                                ORDER BY v.created_at)
+                FROM devices v WHERE v.user_id = c.user_id AND v.disabled_at IS NULL
+            ), '[]'::JSON) ELSE '[]'::JSON END AS devices
+     FROM c
+     CROSS JOIN LATERAL (SELECT * FROM notifications n WHERE n.id = c.notification_id OFFSET 0) n
+     LEFT JOIN LATERAL (SELECT u.email FROM users u WHERE u.id = c.user_id OFFSET 0) u ON true",
+        )
+    };
 }
 
 /// The claim statement: `$1` the jobs' delivery ids (in lock order), `$2`
@@ -94,47 +127,54 @@ pub async fn claim_delivery(
 /// claimed row's notification and user by a lateral lookup that cannot be
 /// flattened into a join (`OFFSET 0`). `tests/fencing.rs` checks the plan
 /// made on empty tables and the rows it reads on full ones.
-pub const CLAIM_SQL: &str = "WITH c AS (
-         UPDATE deliveries d SET status = 'sending', attempt = d.attempt + 1,
-             lease_until = now() + make_interval(secs => $3), next_attempt_at = NULL, updated_at = now()
-         WHERE d.id = ANY($1::TEXT[]) AND ($2::JSONB -> d.id) @> to_jsonb(d.attempt)
-           AND (d.status || '') IN ('queued', 'retrying')
-         RETURNING d.id, d.notification_id, d.user_id, d.channel, d.priority, d.attempt, d.max_attempts
-     ), a AS (
-         INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at)
-         SELECT id, attempt, $4, now() FROM c
-         ON CONFLICT (delivery_id, attempt) DO NOTHING
-     )
-     SELECT c.id, c.notification_id, c.user_id, c.channel, c.priority, c.attempt, c.max_attempts,
-            n.category, n.title, n.body, n.data, n.request_id, u.email,
-            CASE WHEN c.channel = 'push' THEN COALESCE((
-                SELECT json_agg(json_build_object('id', v.id, 'platform', v.platform,
-                                                  'provider', v.provider, 'token', v.token)
-                                ORDER BY v.created_at)
-                FROM devices v WHERE v.user_id = c.user_id AND v.disabled_at IS NULL
-            ), '[]'::JSON) ELSE '[]'::JSON END AS devices
-     FROM c
-     CROSS JOIN LATERAL (SELECT * FROM notifications n WHERE n.id = c.notification_id OFFSET 0) n
-     LEFT JOIN LATERAL (SELECT u.email FROM users u WHERE u.id = c.user_id OFFSET 0) u ON true";
+///
+/// It inserts the attempt's row without `ON CONFLICT`: a claim moves the
+/// delivery to an attempt number no row can have yet (attempt rows are
+/// written only by claims and in-app deliveries, each for the number it
+/// moves the delivery to, and a delivery's number only grows), and the
+/// conflict check cost every row 2.7 µs of Postgres (0.82 against 0.65 ms
+/// per 64 rows). Should a row be there all the same (written by hand, say),
+/// the statement fails on `delivery_attempts_pkey` and
+/// [`claim_deliveries`] runs [`CLAIM_SQL_KEEPING_ROWS`] for the batch.
+pub const CLAIM_SQL: &str = claim_sql!("");
+
+/// [`CLAIM_SQL`] that leaves an attempt row already there as it is. The
+/// claim runs it only for a batch whose [`CLAIM_SQL`] hit one (see
+/// [`claim_deliveries`]); the conflict check costs every row it inserts.
+pub const CLAIM_SQL_KEEPING_ROWS: &str = claim_sql!(
+    "
+         ON CONFLICT (delivery_id, attempt) DO NOTHING"
+);
 
 /// [`claim_delivery`] for many jobs in one statement ([`CLAIM_SQL`]); one
 /// answer per job, in order. Of two identical jobs in a batch only the
 /// first claims; of two for one delivery with different attempts, the one
 /// whose attempt the delivery is at.
-pub async fn claim_deliveries<'e, E: sqlx::PgExecutor<'e>>(
-    executor: E,
+///
+/// On a connection outside a transaction: should the statement meet an
+/// attempt row that is already there, it runs again as
+/// [`CLAIM_SQL_KEEPING_ROWS`], which a failed transaction could not.
+pub async fn claim_deliveries(
+    conn: &mut sqlx::PgConnection,
     jobs: &[(String, i32)],
     lease_secs: f64,
     worker_id: &str,
 ) -> Result<Vec<Option<ClaimedDelivery>>> {
     let (ids, _) = in_lock_order(jobs);
-    let claimed: Vec<ClaimedDelivery> = sqlx::query_as(CLAIM_SQL)
-        .bind(&ids)
-        .bind(attempts_by_id(jobs))
-        .bind(lease_secs)
-        .bind(worker_id)
-        .fetch_all(executor)
-        .await?;
+    let attempts = attempts_by_id(jobs);
+    let claim = async |conn: &mut sqlx::PgConnection, sql: &'static str| -> Result<Vec<ClaimedDelivery>> {
+        Ok(sqlx::query_as(sql)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(lease_secs)
+            .bind(worker_id)
+            .fetch_all(conn)
+            .await?)
+    };
+    let claimed = match claim(conn, CLAIM_SQL).await {
+        Err(e) if e.is_conflict_on("delivery_attempts_pkey") => claim(conn, CLAIM_SQL_KEEPING_ROWS).await?,
+        claimed => claimed?,
+    };
     Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
 }
 
@@ -194,13 +234,12 @@ pub struct InboxDelivered {
     pub title: String,
 }
 
-/// The in-app statement: `$1` the jobs' delivery ids (in lock order), `$2`
-/// their attempts ([`attempts_by_id`]), `$3` the worker id. Shaped like
-/// [`CLAIM_SQL`], for one plan that reaches every row by index; the
-/// channel test is `(d.channel || '')` so that it cannot become the index
-/// condition of a whole scan of an index on the channel (a plan made on
-/// empty tables once chose `(notification_id, channel)`, since dropped).
-pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
+// [`DELIVER_IN_APP_SQL`] and [`DELIVER_IN_APP_SQL_KEEPING_ROWS`]: one
+// statement, with or without `ON CONFLICT` on the rows it inserts.
+macro_rules! in_app_sql {
+    ($on_conflict_attempt:literal, $on_conflict_item:literal) => {
+        concat!(
+            "WITH c AS (
          UPDATE deliveries d SET status = 'delivered', attempt = d.attempt + 1, lease_until = NULL,
              next_attempt_at = NULL, updated_at = now(), sent_at = now(), delivered_at = now(),
              finished_at = now()
@@ -209,18 +248,45 @@ pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
          RETURNING d.id, d.notification_id, d.user_id, d.attempt
      ), a AS (
          INSERT INTO delivery_attempts (delivery_id, attempt, worker_id, started_at, finished_at, outcome)
-         SELECT id, attempt, $3, now(), now(), 'delivered' FROM c
-         ON CONFLICT (delivery_id, attempt) DO NOTHING
+         SELECT id, attempt, $3, now(), now(), 'delivered' FROM c",
+            $on_conflict_attempt,
+            "
      ), n AS (
          SELECT c.id, c.attempt, n.id AS notification_id, n.user_id, n.category, n.title, n.body, n.data,
                 n.created_at
          FROM c CROSS JOIN LATERAL (SELECT * FROM notifications n WHERE n.id = c.notification_id OFFSET 0) n
      ), i AS (
          INSERT INTO inbox_items (notification_id, user_id, category, title, body, data, created_at)
-         SELECT notification_id, user_id, category, title, body, data, created_at FROM n
-         ON CONFLICT (notification_id) DO NOTHING
+         SELECT notification_id, user_id, category, title, body, data, created_at FROM n",
+            $on_conflict_item,
+            "
      )
-     SELECT id, notification_id, user_id, attempt, category, title FROM n";
+     SELECT id, notification_id, user_id, attempt, category, title FROM n",
+        )
+    };
+}
+
+/// The in-app statement: `$1` the jobs' delivery ids (in lock order), `$2`
+/// their attempts ([`attempts_by_id`]), `$3` the worker id. Shaped like
+/// [`CLAIM_SQL`], for one plan that reaches every row by index; the
+/// channel test is `(d.channel || '')` so that it cannot become the index
+/// condition of a whole scan of an index on the channel (a plan made on
+/// empty tables once chose `(notification_id, channel)`, since dropped).
+///
+/// Without `ON CONFLICT`, like [`CLAIM_SQL`]: the attempt row is new for
+/// the same reason, and so is the inbox item (a notification has one in-app
+/// delivery, delivered once, and only this statement writes items).
+pub const DELIVER_IN_APP_SQL: &str = in_app_sql!("", "");
+
+/// [`DELIVER_IN_APP_SQL`] that leaves an attempt row or inbox item already
+/// there as it is, for a batch whose [`DELIVER_IN_APP_SQL`] hit one (see
+/// [`deliver_in_app`]).
+pub const DELIVER_IN_APP_SQL_KEEPING_ROWS: &str = in_app_sql!(
+    "
+         ON CONFLICT (delivery_id, attempt) DO NOTHING",
+    "
+         ON CONFLICT (notification_id) DO NOTHING"
+);
 
 /// Delivers in-app jobs in one statement: for each delivery still waiting
 /// at the job's attempt count, the inbox item is written and the delivery
@@ -230,19 +296,29 @@ pub const DELIVER_IN_APP_SQL: &str = "WITH c AS (
 /// lease nor a separate result: either everything commits or nothing does
 /// and the job is tried again. The fencing is the claim's: a stale or
 /// duplicate job matches no row. One answer per job, in order; `None` for a
-/// stale job. The statement is [`DELIVER_IN_APP_SQL`].
-pub async fn deliver_in_app<'e, E: sqlx::PgExecutor<'e>>(
-    executor: E,
+/// stale job. The statement is [`DELIVER_IN_APP_SQL`]; outside a
+/// transaction, as for [`claim_deliveries`].
+pub async fn deliver_in_app(
+    conn: &mut sqlx::PgConnection,
     jobs: &[(String, i32)],
     worker_id: &str,
 ) -> Result<Vec<Option<InboxDelivered>>> {
     let (ids, _) = in_lock_order(jobs);
-    let done: Vec<InboxDelivered> = sqlx::query_as(DELIVER_IN_APP_SQL)
-        .bind(&ids)
-        .bind(attempts_by_id(jobs))
-        .bind(worker_id)
-        .fetch_all(executor)
-        .await?;
+    let attempts = attempts_by_id(jobs);
+    let deliver = async |conn: &mut sqlx::PgConnection, sql: &'static str| -> Result<Vec<InboxDelivered>> {
+        Ok(sqlx::query_as(sql)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(worker_id)
+            .fetch_all(conn)
+            .await?)
+    };
+    let done = match deliver(conn, DELIVER_IN_APP_SQL).await {
+        Err(e) if e.is_conflict_on("delivery_attempts_pkey") || e.is_conflict_on("inbox_items_pkey") => {
+            deliver(conn, DELIVER_IN_APP_SQL_KEEPING_ROWS).await?
+        }
+        done => done?,
+    };
     Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
 }
 

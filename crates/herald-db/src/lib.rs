@@ -54,6 +54,12 @@ impl DbError {
         matches!(self, Self::Unavailable(_) | Self::InDoubt(_))
     }
 
+    /// Whether a unique constraint of this name was violated.
+    #[must_use]
+    pub fn is_conflict_on(&self, name: &str) -> bool {
+        matches!(self, Self::Conflict { constraint } if constraint == name)
+    }
+
     /// For the error of a statement that commits, or of a `COMMIT`: an
     /// unavailable database there leaves the write in doubt
     /// ([`DbError::InDoubt`]). Other errors are kept as they are.
