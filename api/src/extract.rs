@@ -178,6 +178,13 @@ impl NamedHeader for IfNoneMatch {
     const NAME: HeaderName = axum::http::header::IF_NONE_MATCH;
 }
 
+/// `Last-Event-ID`, sent by a reconnecting live stream (`GET /v1/me/stream`).
+pub enum LastEventId {}
+
+impl NamedHeader for LastEventId {
+    const NAME: HeaderName = HeaderName::from_static("last-event-id");
+}
+
 /// The API key that authenticated this request (shared with the key
 /// cache: no copy per request).
 #[derive(Debug, Clone)]

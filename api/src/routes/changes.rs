@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Serialize;
@@ -24,6 +23,7 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::changes::{Change, Cursor, MAX_REMEMBERED, Page, SETTLE, fetch_limit, next_page, now_cursor};
 use crate::error::{ApiResult, ErrorBody};
+use crate::extract::{LastEventId, OneHeader};
 use crate::hub::{DEGRADED_POLL, Waiter};
 use crate::routes::me::bad_query;
 use crate::user_token::{Me, Session};
@@ -228,7 +228,7 @@ pub async fn get_changes(
 pub async fn stream(
     State(state): State<AppState>,
     session: Session,
-    headers: HeaderMap,
+    OneHeader(last_event_id, _): OneHeader<LastEventId>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let Query(params) = query.map_err(|e| bad_query("query", e.body_text()))?;
@@ -241,7 +241,7 @@ pub async fn stream(
     }
     // A browser reconnecting sends the header with the original URL: the
     // header is the newer of the two.
-    if let Some(v) = headers.get("last-event-id") {
+    if let Some(v) = last_event_id {
         let v = v.to_str().map_err(|_| bad_query("Last-Event-ID", "is not a cursor"))?;
         if !v.is_empty() {
             cursor = Some(decode_cursor("Last-Event-ID", v)?);
