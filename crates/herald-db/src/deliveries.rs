@@ -172,10 +172,18 @@ pub async fn claim_deliveries(
             .await?)
     };
     let claimed = match claim(conn, CLAIM_SQL).await {
-        Err(e) if e.is_conflict_on("delivery_attempts_pkey") => claim(conn, CLAIM_SQL_KEEPING_ROWS).await?,
+        Err(e) if met_a_row_already_there(&e) => claim(conn, CLAIM_SQL_KEEPING_ROWS).await?,
         claimed => claimed?,
     };
     Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
+}
+
+/// Whether a batch statement written without `ON CONFLICT` ([`CLAIM_SQL`],
+/// [`DELIVER_IN_APP_SQL`]) failed on an attempt row or inbox item already
+/// there, which the invariants say it cannot meet: the batch then runs
+/// again as the statement's `_KEEPING_ROWS` variant.
+fn met_a_row_already_there(e: &crate::DbError) -> bool {
+    e.is_conflict_on("delivery_attempts_pkey") || e.is_conflict_on("inbox_items_pkey")
 }
 
 /// One answer per job, in order, from the rows a fenced batch statement
@@ -314,9 +322,7 @@ pub async fn deliver_in_app(
             .await?)
     };
     let done = match deliver(conn, DELIVER_IN_APP_SQL).await {
-        Err(e) if e.is_conflict_on("delivery_attempts_pkey") || e.is_conflict_on("inbox_items_pkey") => {
-            deliver(conn, DELIVER_IN_APP_SQL_KEEPING_ROWS).await?
-        }
+        Err(e) if met_a_row_already_there(&e) => deliver(conn, DELIVER_IN_APP_SQL_KEEPING_ROWS).await?,
         done => done?,
     };
     Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
