@@ -57,6 +57,11 @@ struct Args {
     /// Length of the end-to-end scenario in seconds. Default 20 (quick 3).
     #[arg(long)]
     e2e_secs: Option<u64>,
+    /// Shorter end-to-end windows after the main one, bisecting the offered
+    /// rate for the highest the workers keep up with (a flat backlog);
+    /// 0 skips the search. Default 4 windows of 10 s (quick 2 of 2 s).
+    #[arg(long)]
+    sustain_windows: Option<usize>,
     /// Notifications sent one at a time in the idle-latency scenario. Default 300 (quick 20).
     #[arg(long)]
     idle: Option<u64>,
@@ -122,6 +127,9 @@ struct Sizes {
     ingest: u64,
     rate: u64,
     e2e: Duration,
+    /// Windows of the sustained-rate search, and each one's length.
+    sustain_windows: usize,
+    sustain: Duration,
     idle: u64,
     backlog: u64,
     pgbench_secs: u64,
@@ -138,6 +146,8 @@ impl Sizes {
             ingest: args.ingest.unwrap_or(if q { 2_000 } else { 100_000 }),
             rate: args.rate.unwrap_or(if q { 300 } else { 5_000 }),
             e2e: Duration::from_secs(args.e2e_secs.unwrap_or(if q { 3 } else { 20 })),
+            sustain_windows: args.sustain_windows.unwrap_or(if q { 2 } else { 4 }),
+            sustain: Duration::from_secs(if q { 2 } else { 10 }),
             idle: args.idle.unwrap_or(if q { 20 } else { 300 }),
             backlog: args.backlog.unwrap_or(if q { 1_500 } else { 10_000 }),
             pgbench_secs: args.pgbench_secs.unwrap_or(if q { 2 } else { 10 }),
@@ -285,6 +295,53 @@ fn out_of_reach(floor_cores: Option<f64>) -> String {
         Some(f) if f > machine => format!("; floor {f:.2} cores > {machine:.0}: out of reach here"),
         _ => String::new(),
     }
+}
+
+/// Samples the jobs waiting, scheduled or in flight in every queue every
+/// 0.5 s for `dur`.
+fn sample_backlog(queue: QueueClient, dur: Duration) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < dur {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut n = 0;
+            for q in QueueName::all() {
+                if let Ok(c) = queue.counts(q).await {
+                    n += c.ready + c.in_flight + c.scheduled;
+                }
+            }
+            samples.push(n);
+        }
+        samples
+    })
+}
+
+/// Whether a window's backlog grew: its second and last quarters' means.
+/// The samples count the jobs in the workers' hands too (up to
+/// `HERALD_WORKER_CONCURRENCY` each), which rise with the rate without any
+/// falling behind.
+struct Growth {
+    mid: f64,
+    last: f64,
+    grows: bool,
+}
+
+fn growth(samples: &[u64], rate: u64) -> Growth {
+    let q = samples.len() / 4;
+    let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
+    let (mid, last) = if samples.len() >= 4 {
+        (mean(&samples[q..2 * q]), mean(&samples[samples.len() - q..]))
+    } else {
+        (mean(samples), mean(samples))
+    };
+    // Growing: the last quarter clearly holds more than the second one (by
+    // a third, and by more than a jitter: 500 jobs, or a tenth of a second
+    // of the offered deliveries when that is more), whatever the rate
+    // Herald kept up with.
+    let jitter = (0.3 * rate as f64).max(500.0);
+    let grows = last > (4.0 / 3.0) * mid && last - mid > jitter;
+    Growth { mid, last, grows }
 }
 
 fn cpu_json(usage: &[(&str, f64)]) -> Value {
@@ -1217,24 +1274,7 @@ impl Bench {
         }
         self.workers_ready().await?;
         let (rate, dur) = (self.sizes.rate, self.sizes.e2e);
-        let sampler = {
-            let queue = self.queue.clone();
-            tokio::spawn(async move {
-                let mut samples = Vec::new();
-                let started = Instant::now();
-                while started.elapsed() < dur {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let mut n = 0;
-                    for q in QueueName::all() {
-                        if let Ok(c) = queue.counts(q).await {
-                            n += c.ready + c.in_flight + c.scheduled;
-                        }
-                    }
-                    samples.push(n);
-                }
-                samples
-            })
-        };
+        let sampler = sample_backlog(self.queue.clone(), dur);
         let cpu0 = cpu::snapshot();
         let (r, behind) = load::paced(&self.target, rate, dur, self.args.connections).await?;
         let cpu = cpu::usage(&cpu0, &cpu::snapshot());
@@ -1268,17 +1308,7 @@ impl Bench {
         lat.sort_by(f64::total_cmp);
         let achieved = r.accepted as f64 / offered_secs;
         let completed = final_in_window as f64 / offered_secs;
-        let q = samples.len() / 4;
-        let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64;
-        let (mid, last) = if samples.len() >= 4 {
-            (mean(&samples[q..2 * q]), mean(&samples[samples.len() - q..]))
-        } else {
-            (mean(&samples), mean(&samples))
-        };
-        // Growing: the last quarter clearly holds more than the second one
-        // (by a third, and by more than a small absolute jitter), whatever
-        // the rate Herald kept up with.
-        let grows = last > (4.0 / 3.0) * mid && last - mid > 500.0;
+        let Growth { mid, last, grows } = growth(&samples, rate);
         let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
         let post = sorted_ms(&r.latencies_us);
         // One ingest and three deliveries per notification, each at its floor.
@@ -1363,18 +1393,121 @@ impl Bench {
         );
         let met = achieved >= 5_000.0 * 0.98 && !grows && r.errors == 0;
         let e2e_floor_cores = e2e_floor_us.map(|f| f * 5_000.0 / 1e6);
+        self.lost += r.errors;
+        self.reset().await?;
+        let flat = !grows && r.errors == 0 && behind == 0 && achieved >= rate as f64 * 0.98;
+        let highest_flat = self.sustained(rate, flat, completed).await?;
         self.verdict(
             "end to end",
             "≥ 5,000 notifications/s, flat backlog",
             format!(
-                "{achieved:.0}/s offered {rate}/s, backlog {}{}",
+                "{achieved:.0}/s offered {rate}/s, backlog {}{}{}",
                 if grows { "grows" } else { "flat" },
+                highest_flat.map_or(String::new(), |f| format!("; flat at {f}/s")),
                 out_of_reach(e2e_floor_cores)
             ),
             Some(met),
         );
-        self.lost += r.errors;
-        self.reset().await
+        Ok(())
+    }
+
+    /// How close end to end gets: after the main window, shorter windows
+    /// bisect the offered rate for the highest one the workers keep up
+    /// with (every request accepted on time, the backlog not growing).
+    /// They start from the main window's own measure: above the offered
+    /// rate when it stayed flat, else at the rate its final deliveries
+    /// would sustain (a third of them per second). Each window starts on
+    /// an empty database and ends when every delivery is final, and is
+    /// checked like every scenario. Returns the highest flat rate seen.
+    async fn sustained(
+        &mut self,
+        offered: u64,
+        offered_flat: bool,
+        finals_per_sec: f64,
+    ) -> anyhow::Result<Option<u64>> {
+        let (windows, dur) = (self.sizes.sustain_windows, self.sizes.sustain);
+        if windows == 0 {
+            return Ok(offered_flat.then_some(offered));
+        }
+        let (mut lo, mut hi) = if offered_flat {
+            (Some(offered), None)
+        } else {
+            (None, Some(offered))
+        };
+        let mut next = if offered_flat {
+            offered + offered / 4
+        } else {
+            ((finals_per_sec / 3.0) as u64).clamp(1, offered.saturating_sub(1).max(1))
+        };
+        let mut rows = Vec::new();
+        let mut json_rows = Vec::new();
+        for _ in 0..windows {
+            let rate = next.max(1);
+            let sampler = sample_backlog(self.queue.clone(), dur);
+            let (r, behind) = load::paced(&self.target, rate, dur, self.args.connections).await?;
+            let secs = r.elapsed.as_secs_f64().max(1e-9);
+            let samples = sampler.await.unwrap_or_default();
+            let finals: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE finished_at IS NOT NULL")
+                .fetch_one(&self.db.pool)
+                .await?;
+            let tail = self.wait_all_final(Duration::from_secs(120)).await?;
+            let check = self.check().await?;
+            self.lost += r.errors;
+            self.reset().await?;
+            let g = growth(&samples, rate);
+            let accepted = r.accepted as f64 / secs;
+            let flat = !g.grows && r.errors == 0 && behind == 0 && accepted >= rate as f64 * 0.98;
+            rows.push((
+                format!("{rate}/s"),
+                format!(
+                    "{} ({accepted:.0}/s accepted, {:.0} deliveries/s final; backlog {:.0} → {:.0} jobs, 2nd to last quarter; {:.2} s tail; {})",
+                    if flat { "flat" } else { "grows" },
+                    finals as f64 / secs,
+                    g.mid,
+                    g.last,
+                    tail.as_secs_f64(),
+                    check.line()
+                ),
+            ));
+            json_rows.push(json!({"offered_per_sec": rate, "accepted_per_sec": accepted,
+                                  "final_deliveries_per_sec": finals as f64 / secs, "backlog_mid": g.mid,
+                                  "backlog_last": g.last, "flat": flat, "tail_secs": tail.as_secs_f64(),
+                                  "check": check.json()}));
+            if flat {
+                lo = lo.max(Some(rate));
+            } else {
+                hi = Some(hi.map_or(rate, |h| h.min(rate)));
+            }
+            next = match (lo, hi) {
+                (Some(l), Some(h)) if h <= l + (h / 50).max(1) => break,
+                (Some(l), Some(h)) => l + (h - l) / 2,
+                (Some(l), None) => l + l / 4,
+                (None, Some(h)) => h - h / 5,
+                (None, None) => break,
+            };
+        }
+        let summary = match (lo, hi) {
+            (Some(l), Some(h)) => format!(
+                "flat at {l}/s, grows at {h}/s ({:.0}% of 5,000/s flat)",
+                l as f64 / 50.0
+            ),
+            (Some(l), None) => format!("flat up to {l}/s, the highest offered"),
+            (None, Some(h)) => format!("grows at every rate tried, down to {h}/s"),
+            (None, None) => "-".to_owned(),
+        };
+        let mut table: Vec<(&str, String)> = vec![(
+            "windows",
+            format!("{} of {} s each, on an empty database", rows.len(), dur.as_secs()),
+        )];
+        table.extend(rows.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        table.push(("sustained", summary));
+        print_table("3b. Sustained end to end (the offered rate bisected)", &table);
+        self.report.insert(
+            "sustained_end_to_end".into(),
+            json!({"windows": json_rows, "highest_flat_per_sec": lo, "lowest_growing_per_sec": hi,
+                   "window_secs": dur.as_secs()}),
+        );
+        Ok(lo)
     }
 
     async fn idle(&mut self) -> anyhow::Result<()> {
