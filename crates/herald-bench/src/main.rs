@@ -1488,7 +1488,7 @@ impl Bench {
         }
         let summary = match (lo, hi) {
             (Some(l), Some(h)) => format!(
-                "flat at {l}/s, grows at {h}/s ({:.0}% of 5,000/s flat)",
+                "flat at {l}/s, grows at {h}/s (flat at {:.0}% of the 5,000/s target)",
                 l as f64 / 50.0
             ),
             (Some(l), None) => format!("flat up to {l}/s, the highest offered"),
