@@ -133,6 +133,8 @@ async fn every_notification_in_a_batch_of_any_size_gets_its_own_answer() {
         })
         .sum();
     assert_eq!(deliveries, want);
+    pool.close().await;
+    db.drop_db().await;
 }
 
 /// The plan the ingest pool makes once must suit a table of any size: on
@@ -174,6 +176,9 @@ async fn the_accept_plan_looks_recipients_up_by_index_even_on_empty_tables() {
     assert!(!plan.contains("Seq Scan"), "{plan}");
     assert!(!plan.contains("Join Filter"), "{plan}");
     assert!(!plan.contains("Nested Loop"), "{plan}");
+    drop(conn);
+    pool.close().await;
+    db.drop_db().await;
 }
 
 /// The batchers' connections (`herald_db::held`) are kept between
