@@ -162,28 +162,37 @@ pub async fn claim_deliveries(
 ) -> Result<Vec<Option<ClaimedDelivery>>> {
     let (ids, _) = in_lock_order(jobs);
     let attempts = attempts_by_id(jobs);
-    let claim = async |conn: &mut sqlx::PgConnection, sql: &'static str| -> Result<Vec<ClaimedDelivery>> {
-        Ok(sqlx::query_as(sql)
+    let claimed = fetch_keeping_rows_if_met(conn, [CLAIM_SQL, CLAIM_SQL_KEEPING_ROWS], |sql| {
+        sqlx::query_as(sql)
             .bind(&ids)
             .bind(&attempts)
             .bind(lease_secs)
             .bind(worker_id)
-            .fetch_all(conn)
-            .await?)
-    };
-    let claimed = match claim(conn, CLAIM_SQL).await {
-        Err(e) if met_a_row_already_there(&e) => claim(conn, CLAIM_SQL_KEEPING_ROWS).await?,
-        claimed => claimed?,
-    };
+    })
+    .await?;
     Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
 }
 
-/// Whether a batch statement written without `ON CONFLICT` ([`CLAIM_SQL`],
-/// [`DELIVER_IN_APP_SQL`]) failed on an attempt row or inbox item already
-/// there, which the invariants say it cannot meet: the batch then runs
-/// again as the statement's `_KEEPING_ROWS` variant.
-fn met_a_row_already_there(e: &crate::DbError) -> bool {
-    e.is_conflict_on("delivery_attempts_pkey") || e.is_conflict_on("inbox_items_pkey")
+/// Runs a batch statement written without `ON CONFLICT` ([`CLAIM_SQL`],
+/// [`DELIVER_IN_APP_SQL`]), `query` binding its parameters; should it fail
+/// on an attempt row or inbox item already there, which the invariants say
+/// it cannot meet, the batch runs again as the statement's `_KEEPING_ROWS`
+/// variant (on a connection outside a transaction, which a failed one
+/// could not).
+async fn fetch_keeping_rows_if_met<'q, O>(
+    conn: &mut sqlx::PgConnection,
+    [first, keeping_rows]: [&'static str; 2],
+    query: impl Fn(&'static str) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+) -> Result<Vec<O>>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    match query(first).fetch_all(&mut *conn).await.map_err(crate::DbError::from) {
+        Err(e) if e.is_conflict_on("delivery_attempts_pkey") || e.is_conflict_on("inbox_items_pkey") => {
+            Ok(query(keeping_rows).fetch_all(conn).await?)
+        }
+        rows => rows,
+    }
 }
 
 /// One answer per job, in order, from the rows a fenced batch statement
@@ -313,18 +322,10 @@ pub async fn deliver_in_app(
 ) -> Result<Vec<Option<InboxDelivered>>> {
     let (ids, _) = in_lock_order(jobs);
     let attempts = attempts_by_id(jobs);
-    let deliver = async |conn: &mut sqlx::PgConnection, sql: &'static str| -> Result<Vec<InboxDelivered>> {
-        Ok(sqlx::query_as(sql)
-            .bind(&ids)
-            .bind(&attempts)
-            .bind(worker_id)
-            .fetch_all(conn)
-            .await?)
-    };
-    let done = match deliver(conn, DELIVER_IN_APP_SQL).await {
-        Err(e) if met_a_row_already_there(&e) => deliver(conn, DELIVER_IN_APP_SQL_KEEPING_ROWS).await?,
-        done => done?,
-    };
+    let done = fetch_keeping_rows_if_met(conn, [DELIVER_IN_APP_SQL, DELIVER_IN_APP_SQL_KEEPING_ROWS], |sql| {
+        sqlx::query_as(sql).bind(&ids).bind(&attempts).bind(worker_id)
+    })
+    .await?;
     Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
 }
 
