@@ -1,17 +1,19 @@
 //! Workers as real processes, for tests that signal them (SIGKILL, SIGSTOP,
-//! SIGTERM). The process is the test binary itself, re-executed to run one
-//! test, `child_worker`, which every such test file defines as:
+//! SIGTERM). The process is the test binary itself, re-executed to run its
+//! one ignored test, `child_worker`, which the binary defines as:
 //!
 //! ```ignore
 //! #[test]
+//! #[ignore = "a worker process started by the fault tests, not a test"]
 //! fn child_worker() {
-//!     herald_testkit::process::run_child_worker_if_requested();
+//!     herald_testkit::process::run_child_worker();
 //! }
 //! ```
 //!
-//! With [`CHILD_ENV`] set it runs exactly what the `herald-*-worker`
-//! binaries run (`herald_workers::main_for`), configured from the
-//! environment like in production; without it, it returns at once.
+//! Ignored, it never counts as a passing test in a normal run; started with
+//! `--ignored --exact child_worker` and [`CHILD_ENV`] set, it runs exactly
+//! what the `herald-*-worker` binaries run (`herald_workers::main_for`),
+//! configured from the environment like in production.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -24,11 +26,10 @@ use nix::unistd::Pid;
 /// Names the channel the child process works for.
 pub const CHILD_ENV: &str = "HERALD_TEST_CHILD";
 
-/// The body of `child_worker`: a worker process when asked to be one.
-pub fn run_child_worker_if_requested() {
-    let Ok(role) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+/// The body of `child_worker`: the worker process for the channel that
+/// [`CHILD_ENV`] names.
+pub fn run_child_worker() {
+    let role = std::env::var(CHILD_ENV).expect("HERALD_TEST_CHILD names the worker's channel");
     let channel: Channel = role.parse().expect("a channel name");
     herald_workers::main_for(channel).expect("worker ran");
 }
@@ -43,7 +44,7 @@ impl WorkerProcess {
     /// `TestApp::env`, adjusted).
     pub fn spawn(env: &HashMap<String, String>, channel: Channel) -> Self {
         let child = Command::new(std::env::current_exe().expect("test binary path"))
-            .args(["--exact", "child_worker", "--nocapture", "--test-threads=1"])
+            .args(["--ignored", "--exact", "child_worker", "--nocapture", "--test-threads=1"])
             .envs(env)
             .env(CHILD_ENV, channel.as_str())
             .env(

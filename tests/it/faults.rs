@@ -1,4 +1,4 @@
-//! Fault tests (DESIGN.md §3): post a known set of notifications, inject a
+//! Fault tests: post a known set of notifications, inject a
 //! fault during delivery, wait, then check against the sink that received
 //! the messages: no delivery lost (every accepted delivery final and, if
 //! `sent`, present at the sink), duplicates counted and bounded, no status
@@ -20,11 +20,6 @@ use herald_testkit::servers::{PrivatePostgres, PrivateRedis};
 use herald_testkit::{Parts, TestApp, status_and_json};
 use nix::sys::signal::Signal;
 use serde_json::json;
-
-#[test]
-fn child_worker() {
-    herald_testkit::process::run_child_worker_if_requested();
-}
 
 const FINAL_WAIT: Duration = Duration::from_secs(90);
 const CONCURRENCY: i64 = 16;

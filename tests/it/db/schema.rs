@@ -35,8 +35,8 @@ async fn orphan_attempts(db: &TestDb) -> i64 {
 }
 
 /// Deliveries, attempts and inbox items have no foreign keys (the
-/// insert-time checks cost Postgres a fifth of its work per notification
-/// and could never fail); triggers keep the cascades on delete.
+/// insert-time checks would cost Postgres work on every notification and
+/// could never fail); triggers keep the cascades on delete.
 #[tokio::test]
 async fn deleting_a_notification_deletes_its_deliveries_attempts_and_inbox_item_only() {
     let db = TestDb::new().await;
@@ -169,7 +169,7 @@ async fn a_notifications_deliveries_are_found_whether_their_ids_follow_it_or_not
     db.drop_db().await;
 }
 
-/// Without the `(notification_id, channel)` unique index, the primary key
+/// With no unique index on `(notification_id, channel)`, the primary key
 /// and a check keep one delivery per notification and channel.
 #[tokio::test]
 async fn a_notification_still_has_at_most_one_delivery_per_channel() {
@@ -207,9 +207,9 @@ async fn a_notification_still_has_at_most_one_delivery_per_channel() {
 }
 
 /// Notifications keep no foreign key to their API key (every accepted row
-/// checked it, locking the key's row); deleting a key by hand still clears
-/// it from its notifications, as `ON DELETE SET NULL` did, and from no
-/// other key's.
+/// would check it, locking the key's row); deleting a key by hand still
+/// clears it from its notifications, as `ON DELETE SET NULL` would, and
+/// from no other key's.
 #[tokio::test]
 async fn deleting_an_api_key_clears_it_from_its_notifications_only() {
     let db = TestDb::new().await;

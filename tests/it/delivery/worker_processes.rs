@@ -2,8 +2,8 @@
 //! Postgres and Redis, and replicas of one worker share its queue without
 //! sending anything twice.
 //!
-//! The worker processes are this test binary re-executed with
-//! `HERALD_TEST_CHILD` set: `child_worker` then runs exactly what the
+//! The worker processes are this test binary re-executed to run its
+//! ignored `child_worker` entry point, which runs exactly what the
 //! `herald-*-worker` binaries run (`herald_workers::main_for`), configured
 //! from the environment like in production.
 
@@ -14,11 +14,6 @@ use herald_core::Channel;
 use herald_testkit::process::WorkerProcess;
 use herald_testkit::{Parts, TestApp};
 use serde_json::json;
-
-#[test]
-fn child_worker() {
-    herald_testkit::process::run_child_worker_if_requested();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_email_worker_processes_share_the_queue_without_double_sending() {

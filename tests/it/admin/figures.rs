@@ -6,8 +6,8 @@
 //! (in-process) draining the queue.
 //!
 //! N is 5,000 by default (a few seconds); `HERALD_ADMIN_BENCH=1` makes it
-//! 100,000 (the README's figures). Run with `--nocapture` to see them:
-//! `cargo test -p herald-tests --test admin_figures -- --nocapture`.
+//! 100,000 (the figures in docs/performance.md). Run with `--nocapture` to
+//! see them: `cargo test -p herald-tests --test it admin::figures -- --nocapture`.
 
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ fn ms(d: Duration) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_filtering_and_replaying_many_dead_letters_is_quick_and_sends_each_once() {
+async fn listing_filtering_and_replaying_many_dead_letters_finds_them_all_and_sends_each_once() {
     let n: i64 = if std::env::var("HERALD_ADMIN_BENCH").is_ok_and(|v| v == "1") {
         100_000
     } else {
