@@ -111,12 +111,12 @@ pub struct ParsedJson<'a, T> {
 }
 
 /// Parses a JSON body straight into `T`, without tracking where in the
-/// document the parser is (serde_path_to_error on every request cost the
-/// create route a few percent of its CPU). Err is 400 `malformed_json` when
+/// document the parser is (only a bad request needs the path, so only it
+/// pays for `serde_path_to_error`). Err is 400 `malformed_json` when
 /// the body is not JSON at all, even where a field before the syntax error
 /// has the wrong type; whether it has `T`'s shape is [`ParsedJson::shape`]'s
-/// answer, so a route can check other things (its caller's scope) in
-/// between, as it did when the extractor told malformed JSON apart.
+/// answer, so a route can check other things (its caller's scope) between
+/// telling malformed JSON apart and checking the shape.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<ParsedJson<'_, T>, ApiError> {
     let typed = serde_json::from_slice::<T>(body);
     if typed.is_err()

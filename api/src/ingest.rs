@@ -7,12 +7,11 @@
 //! pipeline, the batch keeping its slot until the push is done. Every 2xx
 //! still means "committed": a request is answered only after the statement
 //! holding it committed. Answering before the push takes the Redis round
-//! trip off every request's latency (ingest +3% in six interleaved pairs);
-//! a push that never happens is the sweeper's, as if Redis were down.
+//! trip off every request's latency (docs/performance.md); a push that
+//! never happens is the sweeper's, as if Redis were down.
 //!
 //! Postgres does most of the work per round trip, not per row, so this is
-//! what lifts ingest above the one-transaction-per-request ceiling
-//! (DESIGN.md §9).
+//! what lifts ingest above the one-transaction-per-request ceiling.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +27,10 @@ use sqlx::PgPool;
 
 /// Most notifications written by one statement.
 pub const MAX_BATCH: usize = 256;
-/// Batches written at the same time (each holds one connection). Three
-/// once the push confirmations stopped committing beside every batch
-/// (ingest in five interleaved pairs against two: 8,954/7,927/6,789/7,509/
-/// 8,593 against 8,204/7,568/6,402/6,539/6,982/s); before, a third was no
-/// better than two.
+/// Batches written at the same time (each holds one connection). With the
+/// push confirmations merged into few commits of their own
+/// ([`CONFIRM_LINGER`]), a third batch in flight lifts ingest over two
+/// (docs/performance.md).
 pub const MAX_IN_FLIGHT: usize = 3;
 
 /// Connections of the group commit's own pool: one per batch in flight,
@@ -40,7 +38,7 @@ pub const MAX_IN_FLIGHT: usize = 3;
 pub const INGEST_CONNECTIONS: u32 = MAX_IN_FLIGHT as u32 + 1;
 
 /// Most push intents one confirmation deletes (the batches of one
-/// [`CONFIRM_LINGER`]: about 60 at 10,000 notifications/s).
+/// [`CONFIRM_LINGER`], with room to spare at any ingest rate).
 const CONFIRMATIONS_PER_STATEMENT: usize = 1024;
 
 /// What a request hands over: the rows to write, and what its jobs need.

@@ -36,8 +36,8 @@ use error::ApiError;
 
 /// What every handler shares: one pointer, so the clone axum makes for
 /// every request (and every extractor) is one reference count, not one per
-/// field (profiled: the field-by-field clone and drop took 4% of the API's
-/// CPU during ingest).
+/// field (a field-by-field clone and drop on every request is a visible
+/// share of the API's CPU during ingest).
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
@@ -252,9 +252,8 @@ async fn method_not_allowed() -> ApiError {
 ///
 /// The middleware wraps the router once, outside it, rather than each
 /// route through `Router::layer`: a layered route is a boxed copy of the
-/// whole stack, cloned and freed on every request (six interleaved pairs
-/// of the bench's ingest: the API's CPU per notification 5-17 µs less,
-/// about a seventh; ingest 3-11% faster).
+/// whole stack, cloned and freed on every request, which costs CPU per
+/// notification and slows ingest (docs/performance.md).
 pub fn app(
     state: AppState,
 ) -> impl tower::Service<
@@ -302,7 +301,8 @@ pub fn app(
         .service(router)
 }
 
-/// Logs what would make Redis lose jobs (DESIGN.md §8).
+/// Logs what would make Redis lose jobs: an eviction policy other than
+/// `noeviction`, or no persistence.
 pub async fn warn_about_redis(queue: &QueueClient) {
     match queue.durability_warnings().await {
         Ok(warnings) => {
@@ -320,11 +320,11 @@ pub async fn warn_about_redis(queue: &QueueClient) {
 ///
 /// Live streams make reconnect storms part of normal operation: after a
 /// restart or a network blip every client reconnects at once. With
-/// tokio's default backlog (1,024) the accept queue overflowed when the
-/// bench opened 10,000 streams at once (`TcpExtListenOverflows`), and each
-/// dropped handshake waits out TCP's retransmission backoff (1, 3, 7, 15,
-/// 31, 63 s): 9,558 of 9,999 streams were open after 120 s where a run
-/// without drops opens them all in 15 s. The kernel caps it at
+/// tokio's default backlog (1,024) the accept queue overflows when
+/// thousands of streams reconnect at once (`TcpExtListenOverflows`), and
+/// each dropped handshake waits out TCP's retransmission backoff (1, 3, 7,
+/// 15, 31, 63 s), so clients take minutes instead of seconds to be back
+/// (docs/performance.md). The kernel caps it at
 /// `net.core.somaxconn` (4,096 by default since Linux 5.4).
 pub const LISTEN_BACKLOG: u32 = 4_096;
 

@@ -1,7 +1,8 @@
 //! Static checks of what cannot run here: the container build and compose
-//! file (no Docker engine on this machine), and the README's promises.
-//! Each fails when a file names a binary, a variable or a command that
-//! does not exist.
+//! file (no Docker engine on this machine), the README's promises and the
+//! configuration reference. Each fails when a file names a binary, a
+//! variable or a command that does not exist. And the README and docs/
+//! speak of the product, not of how it was developed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -224,14 +225,124 @@ fn the_readme_quick_start_is_two_commands_and_ci_runs_the_test_one() {
     );
 }
 
+/// The names in the first column of the configuration reference's
+/// `| variable | default | meaning |` table, backticks removed.
+fn configuration_table_names() -> Vec<String> {
+    let doc = read("docs/configuration.md");
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| l.trim() != "| variable | default | meaning |");
+    assert!(
+        lines.next().is_some(),
+        "docs/configuration.md has no `| variable | default | meaning |` table"
+    );
+    lines
+        .skip(1) // the |---|---|---| line
+        .take_while(|l| l.trim_start().starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1))
+        .map(|cell| cell.trim().trim_matches('`').to_owned())
+        .collect()
+}
+
 #[test]
-fn every_setting_is_documented_in_the_readme() {
-    let readme = read("README.md");
+fn every_setting_is_documented_in_the_configuration_reference() {
+    let names = configuration_table_names();
+    assert!(!names.is_empty(), "docs/configuration.md's table has no rows");
     for v in herald_config::VARIABLES {
         assert!(
-            readme.contains(&format!("`{}`", v.name)),
-            "README does not document `{}`",
+            names.iter().any(|n| n == v.name),
+            "docs/configuration.md's table does not document `{}`",
             v.name
         );
     }
+    let known = herald_variables();
+    for name in &names {
+        if name.starts_with("HERALD_") || name == "DATABASE_URL" || name == "REDIS_URL" {
+            assert!(
+                known.contains(name.as_str()),
+                "docs/configuration.md documents `{name}`, which Herald does not read \
+                 (not in herald_config::VARIABLES)"
+            );
+        }
+    }
+}
+
+/// Words that look like a git commit hash: a standalone run of 7 to 40
+/// lowercase hexadecimal characters with at least one digit and at least
+/// one letter from a to f.
+fn hash_like_words(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| (7..=40).contains(&w.len()))
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)))
+        .filter(|w| w.chars().any(|c| c.is_ascii_digit()) && w.chars().any(|c| c.is_ascii_lowercase()))
+        .collect()
+}
+
+/// Every line of `text` (the file `file`) that speaks of how Herald was
+/// developed rather than what it is: commit hashes, issue numbers, the
+/// design notes, working sessions. One message per finding, naming the
+/// file, the line and the offending token.
+fn development_history(file: &str, text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        for w in hash_like_words(line) {
+            found.push(format!("{file}:{n}: `{w}` looks like a commit hash: {line}"));
+        }
+        let lower = line.to_lowercase();
+        let issue_number = lower
+            .match_indices("issue #")
+            .any(|(at, m)| lower[at + m.len()..].starts_with(|c: char| c.is_ascii_digit()));
+        if issue_number {
+            found.push(format!("{file}:{n}: `issue #` with a number: {line}"));
+        }
+        if line.contains("DESIGN") {
+            found.push(format!("{file}:{n}: `DESIGN`: {line}"));
+        }
+        if lower.contains("session") {
+            found.push(format!("{file}:{n}: `session`: {line}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_readme_is_for_users_short_and_free_of_development_history() {
+    let readme = read("README.md");
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 350,
+        "README.md has {lines} lines, more than 350: move the detail to docs/"
+    );
+    let found = development_history("README.md", &readme);
+    assert!(
+        found.is_empty(),
+        "README.md speaks of development history:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_docs_speak_of_the_product_only() {
+    let mut files: Vec<String> = std::fs::read_dir(root().join("docs"))
+        .expect("reading docs/")
+        .map(|entry| entry.expect("an entry of docs/").path())
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            format!("docs/{name}")
+        })
+        .collect();
+    assert!(!files.is_empty(), "docs/ has no files");
+    files.sort();
+    files.push("ARCHITECTURE.md".to_owned());
+    let found: Vec<String> = files
+        .iter()
+        .flat_map(|file| development_history(file, &read(file)))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "the docs speak of development history:\n{}",
+        found.join("\n")
+    );
 }

@@ -6,9 +6,9 @@
 //! the load needs, as wrk does: one write of a prebuilt request head and the
 //! body, and the answer parsed with `httparse` (status and `content-length`
 //! body) on the same task. hyper's client connection, used for everything
-//! else here, runs each request through a second task and a channel, and cost
-//! the generator more CPU than the API's own HTTP layer; on two shared cores
-//! what the generator burns the API and Postgres do not get.
+//! else here, runs each request through a second task and a channel, too
+//! heavy for the generator: on the cores it shares with them, what the
+//! generator burns the API and Postgres do not get.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

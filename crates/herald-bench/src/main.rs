@@ -7,8 +7,7 @@
 //! database alone. Every scenario checks that nothing was lost: every
 //! accepted delivery final, every sent one seen at its sink.
 //!
-//! See the README's "Performance" section for how to run it and what it
-//! measured.
+//! See docs/performance.md for how to run it and what it measured.
 
 mod alone;
 mod ceiling;
@@ -1699,8 +1698,7 @@ impl Bench {
         // of three is what the big backlog is held to. With a big backlog,
         // whose drain takes minutes, two more small drains follow it, and
         // the median is of all five: a VM that changes pace during the
-        // scenario then weighs on both sides (one full run measured its
-        // three small drains fast and its big one slow: 0.73).
+        // scenario then weighs on both sides, not only on the big drain.
         let mut runs = Vec::with_capacity(5);
         for _ in 0..3 {
             runs.push(self.backlog_drain(small).await?);
@@ -1785,7 +1783,7 @@ impl Bench {
     }
 
     /// Many idle live streams on one API process, a status change reaching
-    /// them, and `If-None-Match` polling against full reads (issue #6).
+    /// them, and `If-None-Match` polling against full reads.
     async fn clients(&mut self) -> anyhow::Result<()> {
         let wanted = self.args.clients.unwrap_or(if self.args.quick { 200 } else { 10_000 });
         // Each stream is one file descriptor here and one in the API.

@@ -210,8 +210,8 @@ impl Engine {
     /// once rather than looking again: those queues are empty, and the next
     /// push wakes it.
     /// Idle, a notification costs each worker one script run instead of
-    /// six (three queues, twice), at the moment the three workers, the API
-    /// and Postgres all want the two cores.
+    /// six (three queues, twice), at the moment the workers, the API and
+    /// Postgres all want the CPU.
     async fn fetch(&mut self, want: usize) -> RedisResult<usize> {
         let mut conn = self.conn.get().await?;
         let primary = self.schedule[self.round % self.schedule.len()];
