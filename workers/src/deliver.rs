@@ -8,7 +8,7 @@ use herald_channels::SendError;
 use herald_channels::email::{Email, EmailSender};
 use herald_channels::push::{PushMessage, PushSender, Target};
 use herald_core::validate::mask_email;
-use herald_core::{Channel, EmailAddress, ErrorClass, Priority};
+use herald_core::{EmailAddress, ErrorClass, IdText};
 use herald_db::batch::Batcher;
 use herald_db::deliveries::{AttemptResult, ClaimedDelivery, InboxDelivered, NextState, Recorded};
 use herald_db::held::Held;
@@ -67,9 +67,9 @@ struct Batches {
 const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once. One: the jobs that arrive while
 /// a claim (or result) statement runs all go into the next, so batches are
-/// twice as big as with two in flight, and Postgres plans and commits half
-/// as many statements per delivery (drain 6,209 → 7,180/s on the bench; a
-/// lone job on an idle worker still runs at once).
+/// bigger than with two in flight, and Postgres plans and commits fewer
+/// statements per delivery (docs/performance.md); a lone job on an idle
+/// worker still runs at once.
 const MAX_IN_FLIGHT: usize = 1;
 
 impl Batches {
@@ -267,8 +267,9 @@ impl Deliverer {
                         return Ok(Sent::Err(SendError::new(ErrorClass::Permanent, e.to_string()), None));
                     }
                 };
+                let mut delivery_id = IdText::default();
                 let email = Email {
-                    delivery_id: &d.id,
+                    delivery_id: d.id.text(&mut delivery_id),
                     to: &to,
                     subject: &d.title,
                     text: &d.body,
@@ -293,18 +294,19 @@ impl Deliverer {
                     .iter()
                     .map(|dev| Target {
                         device_id: &dev.id,
-                        provider: &dev.provider,
-                        platform: &dev.platform,
+                        provider: dev.provider,
+                        platform: dev.platform,
                         token: &dev.token,
                     })
                     .collect();
+                let (mut delivery_id, mut notification_id) = (IdText::default(), IdText::default());
                 let message = PushMessage {
-                    delivery_id: &d.id,
-                    notification_id: &d.notification_id,
+                    delivery_id: d.id.text(&mut delivery_id),
+                    notification_id: d.notification_id.text(&mut notification_id),
                     title: &d.title,
                     body: &d.body,
                     data: &d.data,
-                    priority: &d.priority,
+                    priority: d.priority,
                 };
                 match sender.send(&message, &targets).await {
                     Err(e) => Sent::Err(e, None),
@@ -396,7 +398,7 @@ impl Deliverer {
             .records
             .submit((
                 AttemptResult {
-                    delivery_id: d.id.clone(),
+                    delivery_id: d.id.to_string(),
                     attempt: d.attempt,
                     next,
                     outcome,
@@ -425,27 +427,20 @@ impl Deliverer {
     /// Pushes the delayed job for the next attempt. If Redis is down, the
     /// delivery is still `retrying` in Postgres and the sweeper enqueues it.
     async fn schedule_retry(&self, d: &ClaimedDelivery, at: chrono::DateTime<chrono::Utc>) {
-        let (Ok(channel), Ok(priority), Ok(delivery_id)) = (
-            d.channel.parse::<Channel>(),
-            d.priority.parse::<Priority>(),
-            d.id.parse(),
-        ) else {
-            tracing::error!("delivery row has an unknown channel or priority");
-            return;
-        };
         let job = DeliveryJob {
-            delivery_id,
+            delivery_id: d.id,
             attempt: d.attempt,
             request_id: d.request_id.clone(),
         };
         let when = std::time::SystemTime::from(at);
         match self
             .queue
-            .enqueue_at(&[(QueueName::new(channel, priority), job, when)])
+            .enqueue_at(&[(QueueName::new(d.channel, d.priority), job, when)])
             .await
         {
             Ok(()) => {
-                if let Err(e) = herald_db::notifications::mark_enqueued(&self.pool, &[(d.id.clone(), d.attempt)]).await
+                if let Err(e) =
+                    herald_db::notifications::mark_enqueued(&self.pool, &[(d.id.to_string(), d.attempt)]).await
                 {
                     tracing::debug!(error = %e, "could not mark the retry enqueued; the sweeper may push a duplicate");
                 }

@@ -73,7 +73,7 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let worker_id = WorkerId::generate(role(channel));
     let queue_cfg = QueueConfig::from_settings(settings);
-    let retry = settings.retry_for(channel.as_str());
+    let retry = settings.retry_for(channel);
     // Two connections that plan once: a claim and a result statement (or
     // an in-app one) run at a time (`deliver::MAX_IN_FLIGHT` of each).
     let planned_once =
@@ -185,9 +185,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
 /// Runtime threads of a worker process unless `HERALD_RUNTIME_THREADS`
 /// says otherwise. A worker's own work per delivery is small (encoding
 /// statements and requests, parsing answers) and runs between waits, so a
-/// second thread mostly adds wake-ups and work-stealing between threads:
-/// with one, the bench's workers used 15–25% less CPU per delivery and
-/// drained 5–10% faster (README, Performance). A worker that needs more
+/// second thread mostly adds wake-ups and work-stealing between threads,
+/// costing CPU per delivery and draining no faster (docs/performance.md).
+/// A worker that needs more
 /// than a core is scaled by running more of them, as they are deployed.
 pub const DEFAULT_RUNTIME_THREADS: usize = 1;
 

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use herald_config::Settings;
-use herald_core::{Channel, Priority};
+use herald_core::Channel;
 use herald_db::replays::{AttemptBudgets, Replay, Requeued};
 use herald_queue::{DeliveryJob, QueueClient, QueueName, WorkerId};
 use sqlx::PgPool;
@@ -39,7 +39,7 @@ pub struct Replayer {
 impl Replayer {
     #[must_use]
     pub fn new(pool: PgPool, queue: QueueClient, settings: &Settings) -> Self {
-        let budget = |c: Channel| i32::try_from(settings.retry_for(c.as_str()).max_attempts).unwrap_or(i32::MAX);
+        let budget = |c: Channel| i32::try_from(settings.retry_for(c).max_attempts).unwrap_or(i32::MAX);
         Self {
             pool,
             queue,
@@ -127,24 +127,22 @@ impl Replayer {
         }
         let jobs: Vec<(QueueName, DeliveryJob)> = requeued
             .iter()
-            .filter_map(|r| {
-                let channel: Channel = r.channel.parse().ok()?;
-                let priority: Priority = r.priority.parse().ok()?;
-                Some((
-                    QueueName::new(channel, priority),
+            .map(|r| {
+                (
+                    QueueName::new(r.channel, r.priority),
                     DeliveryJob {
-                        delivery_id: r.id.parse().ok()?,
+                        delivery_id: r.id,
                         attempt: r.attempt,
                         request_id: r.request_id.clone(),
                     },
-                ))
+                )
             })
             .collect();
         if let Err(e) = self.queue.enqueue(&jobs).await {
             tracing::warn!(error = %e, deliveries = jobs.len(), "could not enqueue replayed deliveries; the sweeper will");
             return;
         }
-        let ids: Vec<String> = requeued.iter().map(|r| r.id.clone()).collect();
+        let ids: Vec<String> = requeued.iter().map(|r| r.id.to_string()).collect();
         let attempts: Vec<i32> = requeued.iter().map(|r| r.attempt).collect();
         if let Err(e) = herald_db::replays::mark_replayed_enqueued(&self.pool, &ids, &attempts).await {
             tracing::debug!(error = %e, "could not mark replayed deliveries enqueued; the sweeper will re-enqueue");

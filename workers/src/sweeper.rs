@@ -14,7 +14,6 @@
 
 use std::time::Duration;
 
-use herald_core::{Channel, Priority};
 use herald_db::sweep::OwedJob;
 use herald_queue::{DeliveryJob, QueueClient, QueueName};
 use sqlx::PgPool;
@@ -101,17 +100,9 @@ async fn enqueue_owed(pool: &PgPool, queue: &QueueClient, owed: &[OwedJob]) -> a
     let mut later = Vec::new();
     let mut marks = Vec::with_capacity(owed.len());
     for o in owed {
-        let (Ok(channel), Ok(priority), Ok(delivery_id)) = (
-            o.channel.parse::<Channel>(),
-            o.priority.parse::<Priority>(),
-            o.id.parse(),
-        ) else {
-            tracing::error!(delivery_id = %o.id, "delivery row has an unknown channel or priority");
-            continue;
-        };
-        let queue_name = QueueName::new(channel, priority);
+        let queue_name = QueueName::new(o.channel, o.priority);
         let job = DeliveryJob {
-            delivery_id,
+            delivery_id: o.id,
             attempt: o.attempt,
             request_id: o.request_id.clone(),
         };
@@ -119,7 +110,7 @@ async fn enqueue_owed(pool: &PgPool, queue: &QueueClient, owed: &[OwedJob]) -> a
             Some(at) if at > now => later.push((queue_name, job, std::time::SystemTime::from(at))),
             _ => ready.push((queue_name, job)),
         }
-        marks.push((o.id.clone(), o.attempt));
+        marks.push((o.id.to_string(), o.attempt));
     }
     if !ready.is_empty() {
         queue.enqueue(&ready).await?;

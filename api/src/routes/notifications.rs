@@ -219,7 +219,7 @@ pub async fn create_notification(
         .map(|&ch| NewDelivery {
             id: DeliveryId::of(ntf_id, ch).to_string(),
             channel: ch.as_str(),
-            max_attempts: i32::try_from(state.settings.retry_for(ch.as_str()).max_attempts).unwrap_or(i32::MAX),
+            max_attempts: i32::try_from(state.settings.retry_for(ch).max_attempts).unwrap_or(i32::MAX),
             // In-app needs nothing from the user, so it is always kept.
             requested: requested || ch == Channel::InApp,
         })

@@ -35,7 +35,7 @@ use futures::StreamExt;
 use herald_api::routes::notifications::{Accepted, AcceptedDelivery, CreateNotification};
 use herald_channels::email::Email;
 use herald_channels::push::{PushMessage, Target};
-use herald_core::{Channel, DeliveryId, EmailAddress, NotificationId};
+use herald_core::{Channel, DeliveryId, DevicePlatform, EmailAddress, NotificationId, Priority, PushProvider};
 use herald_queue::{Fetched, QueueConfig, QueueName, RedisBackend, WorkerId};
 use herald_workers::Sender;
 use nix::sys::resource::{UsageWho, getrusage};
@@ -228,9 +228,13 @@ async fn send_one(sender: &Sender, i: u64) -> Result<(), String> {
             let notification_id = NotificationId::generate().to_string();
             let data = json!({"order_id": "1234"});
             let (platform, provider, token) = if i.is_multiple_of(2) {
-                ("ios", "apns", format!("{i:064x}"))
+                (DevicePlatform::Ios, PushProvider::Apns, format!("{i:064x}"))
             } else {
-                ("android", "fcm", format!("bench-fcm-token-{i}"))
+                (
+                    DevicePlatform::Android,
+                    PushProvider::Fcm,
+                    format!("bench-fcm-token-{i}"),
+                )
             };
             let results = push
                 .send(
@@ -240,7 +244,7 @@ async fn send_one(sender: &Sender, i: u64) -> Result<(), String> {
                         title: "Your order shipped",
                         body: "Order 1234 is on its way.",
                         data: &data,
-                        priority: "normal",
+                        priority: Priority::Normal,
                     },
                     &[Target {
                         device_id: "dev_bench",

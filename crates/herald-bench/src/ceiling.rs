@@ -201,7 +201,7 @@ pub async fn drain(url: &str, shape: Shape) -> anyhow::Result<(u64, Outcome)> {
                         .into_iter()
                         .flatten()
                         .map(|d| AttemptResult {
-                            delivery_id: d.id,
+                            delivery_id: d.id.to_string(),
                             attempt: d.attempt,
                             next: NextState::Sent,
                             outcome: "sent",

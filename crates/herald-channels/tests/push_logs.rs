@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use herald_channels::push::{PushMessage, PushSender, Target};
 use herald_config::Settings;
+use herald_core::{DevicePlatform, Priority, PushProvider};
 use herald_testkit::logs::Captured;
 use herald_testkit::push_providers::{ApnsStandIn, FcmStandIn, WebPushStandIn, push_env};
 use serde_json::json;
@@ -45,25 +46,25 @@ async fn push_credentials_tokens_and_jwts_never_appear_in_trace_logs() {
         title: "Hello",
         body: "World",
         data: &data,
-        priority: "high",
+        priority: Priority::High,
     };
     let targets = [
         Target {
             device_id: "dev_f",
-            provider: "fcm",
-            platform: "android",
+            provider: PushProvider::Fcm,
+            platform: DevicePlatform::Android,
             token: fcm_token,
         },
         Target {
             device_id: "dev_a",
-            provider: "apns",
-            platform: "ios",
+            provider: PushProvider::Apns,
+            platform: DevicePlatform::Ios,
             token: apns_token,
         },
         Target {
             device_id: "dev_w",
-            provider: "webpush",
-            platform: "web",
+            provider: PushProvider::WebPush,
+            platform: DevicePlatform::Web,
             token: &web_token,
         },
     ];

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use herald_core::Channel;
+
 /// Signs user tokens when `HERALD_USER_TOKEN_SECRET` is unset in
 /// development. Public by design: production refuses to start without a
 /// secret of its own.
@@ -198,13 +200,10 @@ pub struct Settings {
     /// Deliveries a worker process handles at once
     /// (`HERALD_WORKER_CONCURRENCY`). A worker's claims and results are
     /// batched, and more deliveries in flight make bigger batches, so less
-    /// Postgres work per delivery: 256 for every channel (push and in-app
-    /// from 64: bench drain 7,180 → 7,894/s). Email used to
-    /// take 64, one per SMTP connection; since its connections have their
-    /// own bound (`smtp_max_connections`) it takes 256 too (bench drain,
-    /// interleaved: 9,717/10,053 → 12,251/12,776/s, Postgres 91/86 →
-    /// 73/72 µs per delivery: the email worker's tail had set the drain's
-    /// end).
+    /// Postgres work per delivery: 256 for every channel. Email too: its
+    /// SMTP connections have their own bound (`smtp_max_connections`), so
+    /// its deliveries in flight need not be one per connection
+    /// (docs/performance.md).
     pub worker_concurrency: usize,
     /// Most SMTP connections an email worker opens
     /// (`HERALD_SMTP_MAX_CONNECTIONS`): relays cap connections per client
@@ -358,13 +357,13 @@ impl Settings {
         })
     }
 
-    /// The retry settings of a channel, by its wire name (`email`, `push`, `in_app`).
+    /// The retry settings of a channel.
     #[must_use]
-    pub fn retry_for(&self, channel: &str) -> Retry {
+    pub fn retry_for(&self, channel: Channel) -> Retry {
         match channel {
-            "email" => self.retry_email,
-            "push" => self.retry_push,
-            _ => self.retry_in_app,
+            Channel::Email => self.retry_email,
+            Channel::Push => self.retry_push,
+            Channel::InApp => self.retry_in_app,
         }
     }
 
@@ -566,8 +565,8 @@ mod tests {
     #[test]
     fn a_channel_may_override_the_retry_budget() {
         let s = Settings::from_map(&env(&[("HERALD_MAX_ATTEMPTS", "5"), ("HERALD_PUSH_MAX_ATTEMPTS", "3")])).unwrap();
-        assert_eq!(s.retry_for("push").max_attempts, 3);
-        assert_eq!(s.retry_for("email").max_attempts, 5);
+        assert_eq!(s.retry_for(Channel::Push).max_attempts, 3);
+        assert_eq!(s.retry_for(Channel::Email).max_attempts, 5);
     }
 
     #[test]

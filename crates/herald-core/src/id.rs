@@ -68,7 +68,7 @@ macro_rules! prefixed_id {
         impl $name {
             /// The text form, written into `buf` (no allocation, no
             /// formatting machinery: ids are written into every answer,
-            /// job and statement, and `write!` cost twice the encoding).
+            /// job and statement, so they skip it).
             pub fn text<'b>(&self, buf: &'b mut IdText) -> &'b str {
                 text(&mut buf.0, $prefix, self.0)
             }

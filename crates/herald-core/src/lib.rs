@@ -4,6 +4,8 @@
 pub mod channel;
 pub mod id;
 pub mod outcome;
+#[cfg(feature = "sqlx")]
+mod sql;
 pub mod status;
 pub mod validate;
 

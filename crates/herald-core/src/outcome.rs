@@ -1,5 +1,5 @@
 //! How a delivery attempt ended, classified so the worker can decide what
-//! happens next without knowing which provider it talked to (DESIGN.md §6).
+//! happens next without knowing which provider it talked to.
 
 use std::fmt;
 use std::time::Duration;
@@ -43,6 +43,23 @@ impl ErrorClass {
 impl fmt::Display for ErrorClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ErrorClass {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const NAMES: &[&str] = &["permanent", "transient", "rate_limited", "ambiguous"];
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| crate::UnknownValue {
+                what: "error class",
+                value: s.chars().take(64).collect(),
+                expected: NAMES,
+            })
     }
 }
 

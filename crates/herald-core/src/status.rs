@@ -1,4 +1,4 @@
-//! Delivery states and the transitions between them (DESIGN.md §4).
+//! Delivery states and the transitions between them.
 //!
 //! The authoritative check is in SQL (conditional updates in `herald-db`);
 //! this type names the states and documents which moves are legal, so the

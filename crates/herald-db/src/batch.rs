@@ -1,7 +1,7 @@
 //! Sharing round trips between concurrent callers.
 //!
 //! Postgres spends its time per statement and per commit far more than per
-//! row (DESIGN.md §9), so Herald's hot paths (accepting notifications,
+//! row, so Herald's hot paths (accepting notifications,
 //! claiming deliveries, recording attempts) hand their item to a
 //! [`Batcher`] and wait. A collector takes whatever items are waiting, up to
 //! a maximum, runs ONE statement for all of them and answers each caller
@@ -22,9 +22,9 @@ use crate::DbError;
 
 type Reply<O> = oneshot::Sender<Result<O, Arc<DbError>>>;
 
-/// Fewest items a batch starts with while another batch is running.
-/// Measured on the API's ingest at 64 connections (interleaved runs):
-/// 7,159–7,721/s without, 7,631–9,258/s with 8; 16 was no better.
+/// Fewest items a batch starts with while another batch is running: enough
+/// that a batch beside another is worth its own statement and commit, few
+/// enough that a burst does not wait long for company (docs/performance.md).
 pub const MIN_BESIDE_ANOTHER: usize = 8;
 
 /// A handle to submit items to one batched statement. Cheap to clone.
@@ -135,8 +135,8 @@ async fn collect<I, O, F, Fut, Then>(
         // A small batch does not start beside a running one: it waits for
         // that one to finish or for enough company. Without this the
         // answers of one big batch, whose callers come back in a burst,
-        // let the burst's first arrival take the free slot alone (measured
-        // on the API at 64 connections: 41% of batches held one request).
+        // let the burst's first arrival take the free slot alone, and many
+        // batches would hold a single request.
         // Nothing waits on a timer, and an idle batcher never waits.
         loop {
             let notified = finished.notified();

@@ -12,13 +12,13 @@
 //! and with statistics taken while few deliveries were pending (a quiet
 //! hour, a drained backlog) Postgres prefers scanning that index for the
 //! whole batch; once the backlog is back, each batch walks every pending
-//! delivery (measured: 1–3 s for 20–40 rows at a 20,000 backlog). The test
+//! delivery to find a few rows (docs/performance.md). The test
 //! stays in the `WHERE` of the `UPDATE`, so Postgres re-checks it on the
 //! newest row version when two claims race: the fence is unchanged.
 //!
 //! Nor may a plan depend on how full the table was when it was made: a
-//! plan cached while the table was empty (a new deployment; the bench's
-//! truncation between scenarios) can seq-scan it for every batch until
+//! plan cached while the table was empty (a new deployment; a table just
+//! truncated) can seq-scan it for every batch until
 //! autovacuum's next analyze, which a busy table may not get for minutes.
 //! The claim, result and in-app statements ([`CLAIM_SQL`], [`RECORD_SQL`],
 //! [`DELIVER_IN_APP_SQL`]) are shaped so that their one plan reaches every
@@ -29,6 +29,7 @@
 //! ([`connect_lazy_planned_per_call`](crate::connect_lazy_planned_per_call)).
 
 use chrono::{DateTime, Utc};
+use herald_core::{Channel, DeliveryId, DevicePlatform, NotificationId, Priority, PushProvider};
 use sqlx::PgPool;
 
 use crate::Result;
@@ -36,11 +37,11 @@ use crate::Result;
 /// What a worker needs to send one delivery, read in the claim itself.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedDelivery {
-    pub id: String,
-    pub notification_id: String,
+    pub id: DeliveryId,
+    pub notification_id: NotificationId,
     pub user_id: String,
-    pub channel: String,
-    pub priority: String,
+    pub channel: Channel,
+    pub priority: Priority,
     /// The attempt this claim started (1 for the first).
     pub attempt: i32,
     pub max_attempts: i32,
@@ -59,8 +60,8 @@ pub struct ClaimedDelivery {
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PushDevice {
     pub id: String,
-    pub platform: String,
-    pub provider: String,
+    pub platform: DevicePlatform,
+    pub provider: PushProvider,
     pub token: String,
 }
 
@@ -125,15 +126,15 @@ macro_rules! claim_sql {
 /// attempt checked per row in the JSON object (no join with the batch, so
 /// no plan can scan deliveries in full and filter by the batch), and each
 /// claimed row's notification and user by a lateral lookup that cannot be
-/// flattened into a join (`OFFSET 0`). `tests/fencing.rs` checks the plan
+/// flattened into a join (`OFFSET 0`). `tests/it/db/fencing.rs` checks the plan
 /// made on empty tables and the rows it reads on full ones.
 ///
 /// It inserts the attempt's row without `ON CONFLICT`: a claim moves the
 /// delivery to an attempt number no row can have yet (attempt rows are
 /// written only by claims and in-app deliveries, each for the number it
 /// moves the delivery to, and a delivery's number only grows), and the
-/// conflict check cost every row 2.7 µs of Postgres (0.82 against 0.65 ms
-/// per 64 rows). Should a row be there all the same (written by hand, say),
+/// conflict check costs Postgres work on every row it inserts. Should a
+/// row be there all the same (written by hand, say),
 /// the statement fails on `delivery_attempts_pkey` and
 /// [`claim_deliveries`] runs [`CLAIM_SQL_KEEPING_ROWS`] for the batch.
 pub const CLAIM_SQL: &str = claim_sql!("");
@@ -170,7 +171,7 @@ pub async fn claim_deliveries(
             .bind(worker_id)
     })
     .await?;
-    Ok(answer_per_job(jobs, claimed, |c| (&c.id, c.attempt)))
+    Ok(answer_per_job(jobs, claimed, |c| (c.id, c.attempt)))
 }
 
 /// Runs a batch statement written without `ON CONFLICT` ([`CLAIM_SQL`],
@@ -199,13 +200,20 @@ where
 /// returned (each with its delivery id and the attempt it started): a
 /// job's row if that job's attempt is the one that moved the delivery,
 /// `None` for a stale or duplicate job.
-fn answer_per_job<T>(jobs: &[(String, i32)], rows: Vec<T>, id_and_attempt: fn(&T) -> (&String, i32)) -> Vec<Option<T>> {
-    let mut by_id: std::collections::HashMap<String, T> =
-        rows.into_iter().map(|r| (id_and_attempt(&r).0.clone(), r)).collect();
+fn answer_per_job<T>(
+    jobs: &[(String, i32)],
+    rows: Vec<T>,
+    id_and_attempt: fn(&T) -> (DeliveryId, i32),
+) -> Vec<Option<T>> {
+    let mut by_id: std::collections::HashMap<DeliveryId, T> =
+        rows.into_iter().map(|r| (id_and_attempt(&r).0, r)).collect();
     jobs.iter()
-        .map(|(id, attempt)| match by_id.get(id) {
-            Some(r) if id_and_attempt(r).1 == attempt + 1 => by_id.remove(id),
-            _ => None,
+        .map(|(id, attempt)| {
+            let id = id.parse::<DeliveryId>().ok()?;
+            match by_id.get(&id) {
+                Some(r) if id_and_attempt(r).1 == attempt + 1 => by_id.remove(&id),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -242,8 +250,8 @@ pub fn attempts_by_id(jobs: &[(String, i32)]) -> serde_json::Value {
 /// An in-app delivery written to its user's inbox.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct InboxDelivered {
-    pub id: String,
-    pub notification_id: String,
+    pub id: DeliveryId,
+    pub notification_id: NotificationId,
     pub user_id: String,
     /// The attempt this delivery made (1 for the first).
     pub attempt: i32,
@@ -288,7 +296,7 @@ macro_rules! in_app_sql {
 /// [`CLAIM_SQL`], for one plan that reaches every row by index; the
 /// channel test is `(d.channel || '')` so that it cannot become the index
 /// condition of a whole scan of an index on the channel (a plan made on
-/// empty tables once chose `(notification_id, channel)`, since dropped).
+/// empty tables may prefer such an index to the primary key).
 ///
 /// Without `ON CONFLICT`, like [`CLAIM_SQL`]: the attempt row is new for
 /// the same reason, and so is the inbox item (a notification has one in-app
@@ -326,7 +334,7 @@ pub async fn deliver_in_app(
         sqlx::query_as(sql).bind(&ids).bind(&attempts).bind(worker_id)
     })
     .await?;
-    Ok(answer_per_job(jobs, done, |d| (&d.id, d.attempt)))
+    Ok(answer_per_job(jobs, done, |d| (d.id, d.attempt)))
 }
 
 /// Where an attempt leaves the delivery.
@@ -405,7 +413,7 @@ pub async fn record_attempt(pool: &PgPool, r: &AttemptResult) -> Result<Recorded
 /// primary key, each row's own result looked up in the JSON object by
 /// `id:attempt` (so the attempt fence is that lookup) and unpacked once per
 /// row by the sub-select in `SET`. No join with the batch, so no plan can
-/// scan either table and filter by it (`tests/fencing.rs`).
+/// scan either table and filter by it (`tests/it/db/fencing.rs`).
 pub const RECORD_SQL: &str = "WITH u AS (
          UPDATE deliveries d SET (status, lease_until, updated_at, next_attempt_at, skip_reason, last_error,
                                   last_error_class, last_provider_status, sent_at, delivered_at, finished_at) = (

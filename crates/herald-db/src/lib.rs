@@ -116,8 +116,8 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {
 /// run against a table whose contents swing from empty to a million
 /// pending rows and back. A generic plan cached at the wrong
 /// moment (a new deployment, a drained backlog) seq-scans the table for
-/// every batch until the next analyze: measured at 1–3 s per batch of
-/// 20–40 rows (`herald_db::deliveries`).
+/// every batch until the next analyze, to find a few rows
+/// (`herald_db::deliveries`).
 pub fn connect_lazy_planned_per_call(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = connect_options(url)?.options([("plan_cache_mode", "force_custom_plan")]);
     Ok(pool_options(max_connections).connect_lazy_with(options))
@@ -133,14 +133,13 @@ pub fn connect_lazy_planned_per_call(url: &str, max_connections: u32) -> Result<
 /// and the workers' claims, results and in-app deliveries
 /// ([`deliveries::CLAIM_SQL`], [`deliveries::RECORD_SQL`],
 /// [`deliveries::DELIVER_IN_APP_SQL`]).
-/// Planning them cost a large share of running them for small batches (0.8
-/// ms of bind against 0.5 ms of execution for one notification; 0.4–0.46
-/// ms against 1.8 ms for a claim of about 30), and each is shaped so that one
+/// Planning them costs a large share of running them for small batches
+/// (docs/performance.md), and each is shaped so that one
 /// plan suits every batch size. With sequential scans off, and every table
 /// reached by a condition on its key that no join can replace, that plan
 /// does not depend on how many rows there were when it was made: on empty
-/// tables it still looks each one up by index (`tests/accept.rs`,
-/// `tests/fencing.rs`).
+/// tables it still looks each one up by index (`tests/it/db/accept.rs`,
+/// `tests/it/db/fencing.rs`).
 pub fn connect_lazy_planned_once(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = connect_options(url)?.options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
     Ok(pool_options(max_connections).connect_lazy_with(options))

@@ -75,9 +75,9 @@ pub struct Inserted {
 ///
 /// It is shaped to have one good plan for every batch size and table size,
 /// so the ingest pool can plan it once ([`connect_lazy_planned_once`](crate::connect_lazy_planned_once)):
-/// nothing joins one batch-sized set to another (a generic plan assumes 10
-/// rows each and, for an earlier shape, nested-looped 768 deliveries over
-/// 256 users); each delivery looks up only what its channel needs, by
+/// nothing joins one batch-sized set to another (a generic plan cannot
+/// know their sizes and may nested-loop a full batch over another); each
+/// delivery looks up only what its channel needs, by
 /// index: the user's email address for email, one active device for push,
 /// nothing for in-app.
 pub const ACCEPT_SQL: &str = "WITH n AS (
@@ -132,9 +132,8 @@ pub const ACCEPT_SQL: &str = "WITH n AS (
 /// Queued deliveries are written already marked enqueued, and the batch
 /// gets a push intent (`push_intents`, keyed by the transaction's time,
 /// which is every delivery's `updated_at`): the caller pushes the jobs after
-/// the commit and then confirms the intent. Marking each delivery after the
-/// push instead rewrote every row a second time, which cost Postgres about
-/// as much as the insert.
+/// the commit and then confirms the intent: marking each delivery after the
+/// push would rewrite every row a second time.
 pub async fn insert_notifications<'e, E>(executor: E, batch: &[NewNotificationWithDeliveries]) -> Result<Inserted>
 where
     E: sqlx::PgExecutor<'e>,
@@ -267,8 +266,8 @@ where
 /// A confirmation only keeps the sweeper (after its 2 s grace) from pushing
 /// a duplicate job, so it can wait: one commit then confirms every batch of
 /// the last tenth of a second, instead of nearly one commit per batch, each
-/// with its own WAL flush beside the accept statements' (ingest +10% in
-/// four interleaved pairs).
+/// with its own WAL flush beside the accept statements', which slows
+/// ingest (docs/performance.md).
 pub const CONFIRM_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The jobs of these batches are in Redis: their push intents are done.
@@ -302,7 +301,7 @@ pub async fn mark_enqueued(pool: &PgPool, jobs: &[(String, i32)]) -> Result<()> 
     .bind(&ids)
     .bind(&attempts)
     // Planned with the real values on every call: a cached generic plan,
-    // built before a mass status change, was seen scanning the whole table.
+    // built before a mass status change, can scan the whole table.
     .persistent(false)
     .execute(pool)
     .await?;

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use herald_core::{Channel, DeliveryId, Priority};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
@@ -278,11 +279,11 @@ pub struct AttemptBudgets {
 /// A delivery a batch moved back to `queued`: the job to push.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Requeued {
-    pub id: String,
+    pub id: DeliveryId,
     pub user_id: String,
     pub attempt: i32,
-    pub channel: String,
-    pub priority: String,
+    pub channel: Channel,
+    pub priority: Priority,
     pub request_id: Option<String>,
 }
 
@@ -334,8 +335,8 @@ pub async fn replay_batch(
         id: String,
         reason: Option<String>,
         attempt: Option<i32>,
-        channel: Option<String>,
-        priority: Option<String>,
+        channel: Option<Channel>,
+        priority: Option<Priority>,
         request_id: Option<String>,
         user_id: Option<String>,
     }
@@ -389,9 +390,10 @@ pub async fn replay_batch(
     };
     let mut reasons: BTreeMap<String, i64> = serde_json::from_value(reasons).unwrap_or_default();
     for r in rows {
-        match (r.reason, r.attempt, r.channel, r.priority) {
-            (None, Some(attempt), Some(channel), Some(priority)) => out.requeued.push(Requeued {
-                id: r.id,
+        // A moved row's id was read from `deliveries`, so it parses.
+        match (r.reason, r.attempt, r.channel, r.priority, r.id.parse::<DeliveryId>()) {
+            (None, Some(attempt), Some(channel), Some(priority), Ok(id)) => out.requeued.push(Requeued {
+                id,
                 user_id: r.user_id.unwrap_or_default(),
                 attempt,
                 channel,
@@ -430,8 +432,8 @@ pub async fn replay_batch(
 ///
 /// Planned afresh for every call (an unnamed statement): right after a
 /// mass replay the statistics still say almost nothing is `queued`, and a
-/// cached generic plan then scans the whole table for every batch (10 s per
-/// thousand was measured with a join on the ids). With the real ids the
+/// cached generic plan then scans the whole table for every batch. With
+/// the real ids the
 /// primary key drives it; the attempt is matched by position.
 pub async fn mark_replayed_enqueued(pool: &PgPool, ids: &[String], attempts: &[i32]) -> Result<()> {
     if ids.is_empty() {

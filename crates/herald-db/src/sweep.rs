@@ -15,6 +15,7 @@
 //! deliveries: the marks of that batch's deliveries still queued are cleared.
 
 use chrono::{DateTime, Utc};
+use herald_core::{Channel, DeliveryId, Priority};
 use sqlx::PgPool;
 
 use crate::Result;
@@ -30,10 +31,10 @@ pub const UNCONFIRMED_PER_PASS: i64 = 64;
 /// A job the sweeper must push.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OwedJob {
-    pub id: String,
+    pub id: DeliveryId,
     pub attempt: i32,
-    pub channel: String,
-    pub priority: String,
+    pub channel: Channel,
+    pub priority: Priority,
     pub request_id: Option<String>,
     /// For `retrying`: when the job is due.
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -64,9 +65,8 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     // and the lock goes with it. No parallel workers: each statement reads
     // a handful of rows by index (the owed ones through `deliveries_owed`),
     // but the planner cannot estimate how few match `enqueued_at <
-    // updated_at` and, on a big backlog, started a parallel worker for
-    // them: 19 ms instead of 0.2 (EXPLAIN ANALYZE, 1,000,000 deliveries),
-    // every pass.
+    // updated_at` and, on a big backlog, starts a parallel worker for
+    // them on every pass, which costs far more than the read itself.
     sqlx::query(
         "SELECT set_config('idle_in_transaction_session_timeout', '10s', true),
                 set_config('max_parallel_workers_per_gather', '0', true)",
@@ -132,7 +132,7 @@ pub async fn sweep(pool: &PgPool, grace_secs: f64, limit: i64) -> Result<SweepRe
     // rows this matches, and each one's notification by primary key (the
     // lateral `OFFSET 0` keeps a misestimate from turning the join into a
     // scan of every notification): a pass reads what it enqueues, not every
-    // waiting delivery (`tests/fencing.rs`).
+    // waiting delivery (`tests/it/db/fencing.rs`).
     let owed: Vec<OwedJob> = sqlx::query_as(
         "SELECT d.id, d.attempt, d.channel, d.priority, n.request_id, d.next_attempt_at
          FROM (SELECT id, attempt, channel, priority, next_attempt_at, notification_id, updated_at

@@ -6,6 +6,7 @@
 //! `postgres://postgres@127.0.0.1:5432`) and `REDIS_URL`.
 #![allow(clippy::missing_panics_doc)] // test support: panicking is how it reports
 
+pub mod history;
 pub mod logs;
 pub mod process;
 pub mod push_providers;

@@ -44,7 +44,13 @@ impl WorkerProcess {
     /// `TestApp::env`, adjusted).
     pub fn spawn(env: &HashMap<String, String>, channel: Channel) -> Self {
         let child = Command::new(std::env::current_exe().expect("test binary path"))
-            .args(["--ignored", "--exact", "child_worker", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "child_worker",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .envs(env)
             .env(CHILD_ENV, channel.as_str())
             .env(

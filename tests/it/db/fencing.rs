@@ -2,6 +2,7 @@
 //! duplicate job or a stale worker can neither send twice nor move a
 //! status backwards.
 
+use herald_core::PushProvider;
 use herald_db::deliveries::{
     AttemptResult, NextState, Recorded, claim_deliveries, claim_delivery, deliver_in_app, record_attempt,
 };
@@ -364,20 +365,20 @@ async fn a_push_claim_reads_the_users_active_devices_in_the_same_statement() {
     let push = one_queued_delivery_on(&db, "push", "u_push").await;
     let email = one_queued_delivery_on(&db, "email", "u_push").await;
     let claims = claim_on(&db.pool, &[(push, 0), (email, 0)], 30.0, "w").await.unwrap();
-    let devices: Vec<(String, String, String)> = claims[0]
+    let devices: Vec<(String, PushProvider, String)> = claims[0]
         .as_ref()
         .unwrap()
         .devices
         .0
         .iter()
-        .map(|d| (d.id.clone(), d.provider.clone(), d.token.clone()))
+        .map(|d| (d.id.clone(), d.provider, d.token.clone()))
         .collect();
     // Active devices only, oldest first.
     assert_eq!(
         devices,
         vec![
-            (old.id, "apns".to_owned(), "tok-a".to_owned()),
-            (new.id, "webpush".to_owned(), "tok-c".to_owned()),
+            (old.id, PushProvider::Apns, "tok-a".to_owned()),
+            (new.id, PushProvider::WebPush, "tok-c".to_owned()),
         ]
     );
     // Other channels carry none.
@@ -700,14 +701,15 @@ async fn a_sweep_pass_reads_the_deliveries_owed_a_job_not_every_waiting_one() {
     sqlx::query(
         "WITH n AS (
              INSERT INTO notifications (id, user_id, category, priority, title, body)
-             SELECT 'ntf_wait' || g, 'u_wait', 'c', 'normal', 't', 'b' FROM generate_series(1, 20003) g
+             SELECT 'ntf_01J' || lpad(g::TEXT, 22, '0') || '0', 'u_wait', 'c', 'normal', 't', 'b'
+             FROM generate_series(1, 20003) g
              RETURNING id
          )
          INSERT INTO deliveries (id, notification_id, user_id, channel, priority, status, max_attempts,
                                  updated_at, enqueued_at)
-         SELECT 'dlv_wait' || substr(id, 9), id, 'u_wait', 'in_app', 'normal', 'queued', 3,
+         SELECT 'dlv_' || substr(id, 5, 25) || '3', id, 'u_wait', 'in_app', 'normal', 'queued', 3,
                 now() - interval '1 minute',
-                CASE WHEN substr(id, 9)::INT > 20000 THEN NULL ELSE now() - interval '1 minute' END
+                CASE WHEN substr(id, 8, 22)::INT > 20000 THEN NULL ELSE now() - interval '1 minute' END
          FROM n",
     )
     .execute(&db.pool)
@@ -728,9 +730,16 @@ async fn a_sweep_pass_reads_the_deliveries_owed_a_job_not_every_waiting_one() {
     let after = rows_read(&mut conn).await;
     drop(conn);
     assert!(pass.ran);
-    let mut owed: Vec<&str> = pass.owed.iter().map(|o| o.id.as_str()).collect();
+    let mut owed: Vec<String> = pass.owed.iter().map(|o| o.id.to_string()).collect();
     owed.sort_unstable();
-    assert_eq!(owed, ["dlv_wait20001", "dlv_wait20002", "dlv_wait20003"]);
+    assert_eq!(
+        owed,
+        [
+            "dlv_01J00000000000000000200013",
+            "dlv_01J00000000000000000200023",
+            "dlv_01J00000000000000000200033"
+        ]
+    );
     let read = (after.0 - before.0, after.1 - before.1);
     println!("rows read by a sweep pass among 20,003 waiting deliveries, 3 owed: (deliveries, notifications) {read:?}");
     assert!(
@@ -739,5 +748,143 @@ async fn a_sweep_pass_reads_the_deliveries_owed_a_job_not_every_waiting_one() {
          deliveries_owed, not read every waiting one"
     );
     one.close().await;
+    db.drop_db().await;
+}
+
+/// Every move the workers' statements make, observed in the database, is
+/// one that `DeliveryStatus::can_move_to` allows: the list the state
+/// machine documents is the one the SQL follows.
+#[tokio::test]
+async fn every_move_the_workers_statements_make_is_one_the_state_machine_allows() {
+    use herald_core::DeliveryStatus;
+
+    let db = TestDb::new().await;
+    let mut moves: Vec<(DeliveryStatus, DeliveryStatus)> = Vec::new();
+    let status = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            let (s, attempt) =
+                sqlx::query_as::<_, (DeliveryStatus, i32)>("SELECT status, attempt FROM deliveries WHERE id = $1")
+                    .bind(&id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (s, attempt)
+        }
+    };
+    let claim = |id: &str, attempt: i32| vec![(id.to_owned(), attempt)];
+
+    // Each (channel, results after each claim): the paths a delivery takes.
+    let paths: [(&'static str, &[(NextState, &'static str)]); 6] = [
+        ("email", &[(NextState::Sent, "sent")]),
+        (
+            "email",
+            &[
+                (
+                    NextState::Retrying {
+                        after: std::time::Duration::ZERO,
+                    },
+                    "transient",
+                ),
+                (NextState::Failed, "permanent"),
+            ],
+        ),
+        (
+            "email",
+            &[
+                (
+                    NextState::Retrying {
+                        after: std::time::Duration::ZERO,
+                    },
+                    "transient",
+                ),
+                (NextState::Dead, "transient"),
+            ],
+        ),
+        (
+            "email",
+            &[(
+                NextState::Skipped {
+                    reason: "no device".into(),
+                },
+                "skipped",
+            )],
+        ),
+        ("in_app", &[(NextState::Delivered, "delivered")]),
+        (
+            "in_app",
+            &[(
+                NextState::Retrying {
+                    after: std::time::Duration::ZERO,
+                },
+                "transient",
+            )],
+        ),
+    ];
+    for (n, (channel, results)) in paths.iter().enumerate() {
+        let user = format!("u_path{n}");
+        reachable_user(&db, &user).await;
+        let id = one_queued_delivery_on(&db, channel, &user).await;
+        let (mut before, _) = status(id.clone()).await;
+        for (next, outcome) in results.iter() {
+            let (_, attempt) = status(id.clone()).await;
+            assert!(
+                claim_on(&db.pool, &claim(&id, attempt), 30.0, "w").await.unwrap()[0].is_some(),
+                "{channel} delivery at attempt {attempt} was not claimed"
+            );
+            let (claimed, _) = status(id.clone()).await;
+            moves.push((before, claimed));
+            let recorded = record_attempt(&db.pool, &result(&id, attempt + 1, next.clone(), outcome))
+                .await
+                .unwrap();
+            assert!(matches!(recorded, Recorded::Moved { .. }), "{channel}: {recorded:?}");
+            let (after, _) = status(id.clone()).await;
+            moves.push((claimed, after));
+            before = after;
+        }
+        // An in-app delivery, waiting or retrying, is delivered by its one statement.
+        if *channel == "in_app" {
+            let (_, attempt) = status(id.clone()).await;
+            let done = in_app_on(&db.pool, &claim(&id, attempt), "w").await.unwrap();
+            let (after, _) = status(id.clone()).await;
+            if done[0].is_some() {
+                moves.push((before, after));
+            } else {
+                assert_eq!(before, after, "a statement that did nothing moved {id}");
+            }
+        }
+    }
+    // A second in-app delivery straight from `queued`.
+    let id = one_queued_delivery_on(&db, "in_app", "u_direct").await;
+    let (before, _) = status(id.clone()).await;
+    assert!(in_app_on(&db.pool, &claim(&id, 0), "w").await.unwrap()[0].is_some());
+    moves.push((before, status(id.clone()).await.0));
+
+    for (from, to) in &moves {
+        assert!(
+            from.can_move_to(*to),
+            "the SQL moved a delivery {from} -> {to}, which the state machine forbids"
+        );
+    }
+    let seen: std::collections::HashSet<_> = moves.iter().copied().collect();
+    for expected in [
+        (DeliveryStatus::Queued, DeliveryStatus::Sending),
+        (DeliveryStatus::Sending, DeliveryStatus::Sent),
+        (DeliveryStatus::Sending, DeliveryStatus::Retrying),
+        (DeliveryStatus::Retrying, DeliveryStatus::Sending),
+        (DeliveryStatus::Sending, DeliveryStatus::Failed),
+        (DeliveryStatus::Sending, DeliveryStatus::Dead),
+        (DeliveryStatus::Sending, DeliveryStatus::Skipped),
+        (DeliveryStatus::Sending, DeliveryStatus::Delivered),
+        (DeliveryStatus::Retrying, DeliveryStatus::Delivered),
+        (DeliveryStatus::Queued, DeliveryStatus::Delivered),
+    ] {
+        assert!(
+            seen.contains(&expected),
+            "no path exercised {} -> {}",
+            expected.0,
+            expected.1
+        );
+    }
     db.drop_db().await;
 }

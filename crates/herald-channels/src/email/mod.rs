@@ -95,7 +95,7 @@ pub fn build_message(from: &Mailbox, email: &Email<'_>) -> Result<Message, SendE
     );
     // The envelope given, so that `build()` does not parse it back out of
     // the From and To headers it was just given (lettre keeps headers
-    // encoded; that parse was 3.7% of the email worker's profile).
+    // encoded, so that parse would be paid on every email).
     let envelope = lettre::address::Envelope::new(Some(from.email.clone()), vec![to.email.clone()])
         .map_err(|e| SendError::new(ErrorClass::Permanent, format!("message could not be built: {e}")))?;
     Message::builder()

@@ -81,10 +81,9 @@
 //! batch better with more; the connections stay within what the relay
 //! allows). As many idle connections are kept for 30 s; each send takes
 //! the most recently used one or opens a new one, so no more than
-//! `connections` are ever open. Keeping fewer idle ones than sends made a
-//! busy worker close connections and open new ones all the time (keeping
-//! all of them cut the email worker's CPU per delivery by about a third in
-//! the bench's drain). A pooled
+//! `connections` are ever open. Keeping fewer idle ones than sends would
+//! make a busy worker close connections and open new ones all the time,
+//! paying a handshake per email (docs/performance.md). A pooled
 //! connection the server has meanwhile closed fails at MAIL FROM, before
 //! anything was sent: that send moves to a fresh
 //! connection once, within the same deadline. A connection that saw any

@@ -249,6 +249,7 @@ fn apns_body<'a>(message: &'a PushMessage<'a>) -> Fields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_core::Priority;
 
     #[test]
     fn data_cannot_replace_aps_or_the_delivery_id() {
@@ -259,7 +260,7 @@ mod tests {
             title: "T",
             body: "B",
             data: &data,
-            priority: "normal",
+            priority: Priority::Normal,
         };
         let text = serde_json::to_string(&apns_body(&message)).unwrap();
         assert_eq!(text.matches("herald_delivery_id").count(), 1, "{text}");

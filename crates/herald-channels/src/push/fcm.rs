@@ -36,7 +36,7 @@ const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 pub(crate) struct Fcm {
     client: reqwest::Client,
     /// Parsed once: reqwest parses a URL given as text on every request
-    /// (host, IDNA, path), a few per cent of a push worker's time.
+    /// (host, IDNA, path), and every push goes to this one URL.
     send_url: reqwest::Url,
     account: ServiceAccount,
     token: Mutex<Option<AccessToken>>,
@@ -428,6 +428,7 @@ async fn classify(response: reqwest::Response) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_core::Priority;
 
     #[test]
     fn data_values_become_strings_and_carry_the_delivery_id() {
@@ -438,7 +439,7 @@ mod tests {
             title: "T",
             body: "B",
             data: &data,
-            priority: "high",
+            priority: Priority::High,
         };
         let body = serde_json::to_value(fcm_body(&message, "tok")).unwrap();
         let m = &body["message"];
@@ -472,7 +473,7 @@ mod tests {
                 title: "T",
                 body: "B",
                 data,
-                priority: "normal",
+                priority: Priority::Normal,
             };
             let text = serde_json::to_string(&fcm_body(&message, "tok")).unwrap();
             assert_eq!(text.matches("herald_delivery_id").count(), 1, "{text}");

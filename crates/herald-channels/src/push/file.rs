@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use herald_core::ErrorClass;
+use herald_core::{DevicePlatform, ErrorClass, PushProvider};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
@@ -23,8 +23,8 @@ pub(crate) struct FileSink {
 struct FileLine<'a> {
     at: String,
     device_id: &'a str,
-    provider: &'a str,
-    platform: &'a str,
+    provider: PushProvider,
+    platform: DevicePlatform,
     token: &'a str,
     #[serde(flatten)]
     message: &'a PushMessage<'a>,

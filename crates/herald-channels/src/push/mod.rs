@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use herald_config::{PushHttp, PushTransport};
-use herald_core::{ErrorClass, PushProvider};
+use herald_core::{DevicePlatform, ErrorClass, Priority, PushProvider};
 use serde::Serialize;
 
 use crate::SendError;
@@ -43,9 +43,8 @@ pub mod webpush;
 #[derive(Debug, Clone)]
 pub struct Target<'a> {
     pub device_id: &'a str,
-    /// `fcm`, `apns` or `webpush`.
-    pub provider: &'a str,
-    pub platform: &'a str,
+    pub provider: PushProvider,
+    pub platform: DevicePlatform,
     /// The provider's token: an FCM registration token, an APNs device
     /// token (hex), or for Web Push the browser's subscription as JSON
     /// (`{"endpoint": "https://…", "keys": {"p256dh": "…", "auth": "…"}}`).
@@ -61,13 +60,12 @@ pub struct PushMessage<'a> {
     pub title: &'a str,
     pub body: &'a str,
     pub data: &'a serde_json::Value,
-    /// `high`, `normal` or `low`.
-    pub priority: &'a str,
+    pub priority: Priority,
 }
 
 impl PushMessage<'_> {
     fn is_high_priority(&self) -> bool {
-        self.priority == "high"
+        self.priority == Priority::High
     }
 }
 
@@ -347,35 +345,34 @@ impl Providers {
     }
 
     async fn send_one(&self, message: &PushMessage<'_>, target: &Target<'_>) -> DeviceResult {
-        let outcome = match target.provider.parse::<PushProvider>() {
-            Ok(PushProvider::Fcm) => match &self.fcm {
+        let outcome = match target.provider {
+            PushProvider::Fcm => match &self.fcm {
                 Some(fcm) => fcm.send(message, target.token).await,
                 None => Err(Failure::not_configured(PushProvider::Fcm)),
             },
-            Ok(PushProvider::Apns) => match &self.apns {
+            PushProvider::Apns => match &self.apns {
                 Some(apns) => apns.send(message, target.token).await,
                 None => Err(Failure::not_configured(PushProvider::Apns)),
             },
-            Ok(PushProvider::WebPush) => match &self.webpush {
+            PushProvider::WebPush => match &self.webpush {
                 Some(webpush) => webpush.send(message, target.token).await,
                 None => Err(Failure::not_configured(PushProvider::WebPush)),
             },
-            Err(e) => Err(Failure::permanent(e.to_string())),
         };
         let masked = match target.provider {
             // A Web Push token is the subscription JSON; its tail says nothing.
-            "webpush" => webpush::describe_endpoint(target.token),
-            _ => mask_token(target.token),
+            PushProvider::WebPush => webpush::describe_endpoint(target.token),
+            PushProvider::Fcm | PushProvider::Apns => mask_token(target.token),
         };
         match outcome {
             Ok(()) => {
-                tracing::debug!(device_id = target.device_id, provider = target.provider, token = %masked, "push accepted");
+                tracing::debug!(device_id = target.device_id, provider = %target.provider, token = %masked, "push accepted");
                 DeviceResult::sent(target.device_id)
             }
             Err(f) => {
                 tracing::info!(
                     device_id = target.device_id,
-                    provider = target.provider,
+                    provider = %target.provider,
                     token = %masked,
                     class = %f.class,
                     status = f.status,
@@ -663,7 +660,7 @@ mod tests {
                 title: "",
                 body: "",
                 data: &data,
-                priority: "normal",
+                priority: Priority::Normal,
             };
             let _ = sender.send(&message, &[]).await;
         });

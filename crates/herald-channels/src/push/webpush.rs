@@ -151,11 +151,7 @@ impl WebPush {
             )));
         }
         let vapid = self.vapid_jwt(&sub.endpoint)?;
-        let urgency = match message.priority {
-            "high" => "high",
-            "low" => "low",
-            _ => "normal",
-        };
+        let urgency = message.priority.as_str();
         let mut request = self
             .client
             .post(sub.endpoint.clone())

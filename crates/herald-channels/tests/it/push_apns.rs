@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use herald_channels::push::{DeviceResult, PushMessage, PushOptions, PushSender, Target};
 use herald_config::Settings;
-use herald_core::ErrorClass;
+use herald_core::{DevicePlatform, ErrorClass, PushProvider};
 use herald_testkit::push_providers::{ApnsStandIn, Reply, jwt_claims, jwt_header, push_env};
 use serde_json::{Value, json};
 
@@ -28,15 +28,15 @@ fn message<'a>(delivery_id: &'a str, data: &'a Value, priority: &'a str) -> Push
         title: "Your order shipped",
         body: "It arrives on Tuesday.",
         data,
-        priority,
+        priority: priority.parse().expect("a priority"),
     }
 }
 
 fn apns_target<'a>(device_id: &'a str, token: &'a str) -> Target<'a> {
     Target {
         device_id,
-        provider: "apns",
-        platform: "ios",
+        provider: PushProvider::Apns,
+        platform: DevicePlatform::Ios,
         token,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use herald_channels::push::{PushMessage, PushSender, PushSetupError, Target};
 use herald_config::Settings;
-use herald_core::ErrorClass;
+use herald_core::{DevicePlatform, ErrorClass, Priority, PushProvider};
 use herald_testkit::push_providers::{ApnsStandIn, FcmStandIn, WebPushStandIn, push_env};
 use serde_json::json;
 
@@ -29,7 +29,7 @@ fn message(data: &serde_json::Value) -> PushMessage<'_> {
         title: "Hello",
         body: "World",
         data,
-        priority: "normal",
+        priority: Priority::Normal,
     }
 }
 
@@ -135,20 +135,20 @@ async fn a_device_of_a_provider_that_is_not_configured_fails_permanently() {
     let targets = [
         Target {
             device_id: "dev_ios",
-            provider: "apns",
-            platform: "ios",
+            provider: PushProvider::Apns,
+            platform: DevicePlatform::Ios,
             token: "abcdef",
         },
         Target {
             device_id: "dev_web",
-            provider: "webpush",
-            platform: "web",
+            provider: PushProvider::WebPush,
+            platform: DevicePlatform::Web,
             token: "{}",
         },
         Target {
             device_id: "dev_android",
-            provider: "fcm",
-            platform: "android",
+            provider: PushProvider::Fcm,
+            platform: DevicePlatform::Android,
             token: "token-a",
         },
     ];
@@ -184,8 +184,8 @@ async fn a_connection_failure_is_transient_and_does_not_reveal_the_device_token(
     let data = json!({});
     let target = Target {
         device_id: "dev_1",
-        provider: "apns",
-        platform: "ios",
+        provider: PushProvider::Apns,
+        platform: DevicePlatform::Ios,
         token,
     };
 
@@ -219,14 +219,14 @@ async fn the_file_transport_still_writes_one_line_per_device() {
     let targets = [
         Target {
             device_id: "dev_1",
-            provider: "fcm",
-            platform: "android",
+            provider: PushProvider::Fcm,
+            platform: DevicePlatform::Android,
             token: "t1",
         },
         Target {
             device_id: "dev_2",
-            provider: "apns",
-            platform: "ios",
+            provider: PushProvider::Apns,
+            platform: DevicePlatform::Ios,
             token: "t2",
         },
     ];

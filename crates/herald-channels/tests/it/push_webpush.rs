@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use herald_channels::push::{DeviceResult, PushMessage, PushSender, Target};
 use herald_config::Settings;
-use herald_core::ErrorClass;
+use herald_core::{DevicePlatform, ErrorClass, PushProvider};
 use herald_testkit::push_providers::{
     BrowserSubscription, Reply, WebPushStandIn, decrypt_independently, jwt_claims, push_env,
 };
@@ -24,15 +24,15 @@ fn message<'a>(delivery_id: &'a str, data: &'a Value, priority: &'a str) -> Push
         title: "Your order shipped",
         body: "It arrives on Tuesday.",
         data,
-        priority,
+        priority: priority.parse().expect("a priority"),
     }
 }
 
 fn web_target<'a>(device_id: &'a str, token: &'a str) -> Target<'a> {
     Target {
         device_id,
-        provider: "webpush",
-        platform: "web",
+        provider: PushProvider::WebPush,
+        platform: DevicePlatform::Web,
         token,
     }
 }
