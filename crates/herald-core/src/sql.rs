@@ -15,7 +15,7 @@ use crate::{
 };
 
 macro_rules! text_column {
-    ($name:ty, |$v:ident, $buf:ident| $text:expr) => {
+    ($name:ty, |$v:ident| $text:expr) => {
         impl Type<Postgres> for $name {
             fn type_info() -> PgTypeInfo {
                 <&str as Type<Postgres>>::type_info()
@@ -29,8 +29,6 @@ macro_rules! text_column {
         impl Encode<'_, Postgres> for $name {
             fn encode_by_ref(&self, out: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
                 let $v = self;
-                let mut $buf = IdText::default();
-                let _ = &mut $buf;
                 <&str as Encode<Postgres>>::encode($text, out)
             }
         }
@@ -52,11 +50,11 @@ macro_rules! text_column {
 }
 
 macro_rules! names {
-    ($($name:ty),+) => { $(text_column!($name, |v, _buf| v.as_str());)+ };
+    ($($name:ty),+) => { $(text_column!($name, |v| v.as_str());)+ };
 }
 
 macro_rules! ids {
-    ($($name:ty),+) => { $(text_column!($name, |v, buf| v.text(&mut buf));)+ };
+    ($($name:ty),+) => { $(text_column!($name, |v| v.text(&mut IdText::default()));)+ };
 }
 
 names!(
